@@ -1,0 +1,88 @@
+"""What every backend hands the tests: an Endpoint, whatever stands behind it.
+
+A backend turns a Topology into something serving the OpenAI API. Tests and the load
+generator only see the Endpoint: a base URL, the model id, the tokenizer to build prompts
+with, the engines' Prometheus URLs, how long start-up took, and a way to count replica
+restarts (a restart during a load point makes that point's numbers suspect).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pdperf.placement import PlacementPlan
+from pdperf.specs import Topology
+
+
+@dataclass
+class Endpoint:
+    topology: Topology
+    backend: str
+    base_url: str
+    model_id: str
+    tokenizer_path: Path
+    metrics_urls: list[str] = field(default_factory=list)
+    startup_s: float = 0.0
+    placement: PlacementPlan | None = None
+    restarts_at_ready: int = 0
+    restart_counter: Callable[[], int] = lambda: 0
+    log_tail: Callable[[int], str] = lambda n: ""
+    details: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.topology.name
+
+    def restarts(self) -> int:
+        """Replica restarts seen since this endpoint was created (start-up included)."""
+        return self.restart_counter()
+
+
+class Deployment:
+    """A started backend. ``start()`` returns the Endpoint when ready; ``stop()`` leaves nothing behind."""
+
+    backend = "base"
+
+    def start(self, timeout_s: float) -> Endpoint:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def stop(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def tail_file(path: Path, n: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            return b"".join(deque(f, maxlen=n)).decode(errors="replace")
+    except OSError as e:
+        return f"(could not read {path}: {e})"
+
+
+def kill_process_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM the process group, wait, then SIGKILL: engines spawn children of their own."""
+    if proc.poll() is not None:
+        return
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            # the leader is gone; children of the group may linger a moment
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,298 @@
+"""Ray Serve LLM backend: a Topology becomes a Serve application on a Ray cluster.
+
+Collocated topologies go through ``build_openai_app``, PD ones through
+``build_pd_openai_app`` (ingress -> decode server -> prefill server, KV over NIXL). Each
+topology is its own Serve application under its own route prefix, so several can be up at
+once on one cluster. Settings the reference study learned the hard way are always applied:
+stream batching off (``stream_batching_interval_ms: 0``, the 50 ms default inflates TTFT and
+chunk gaps), ingress replicas explicit, prefill/decode pre-warm where the Ray version has it.
+
+Readiness is polled under a deadline (Serve application status, then ``/v1/models``); a
+failed deployment ends at once with Serve's message and the replicas' last log lines, not
+after the timeout. Replica restarts are counted from Ray's actor table (a dead
+``ServeReplica:<app>:*`` actor is a replica that was replaced).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from pdperf import compat
+from pdperf.backends.base import Deployment, Endpoint, tail_file
+from pdperf.cluster import NodeInfo, nodes_from_ray
+from pdperf.errors import ClusterError, DeployError
+from pdperf.models import ensure_model, has_weights
+from pdperf.placement import PlacementPlan, plan
+from pdperf.specs import Topology
+from pdperf.waiting import WaitTimeout, free_port, poll_until
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_ENV = {
+    "VLLM_HOST_IP": "127.0.0.1",
+    "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
+    "UCX_NET_DEVICES": "lo",
+}
+CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+class RayCluster:
+    """A Ray cluster with Serve running: a local head on loopback, or an existing cluster."""
+
+    def __init__(self, address: str | None = None, *, num_cpus: int | None = None):
+        self.address = address
+        self.num_cpus = num_cpus
+        self.local = address is None
+        self.http_port: int | None = None
+        self.http_host = "127.0.0.1"
+        self.metrics_port: int | None = None
+        self._nodes: list[NodeInfo] | None = None
+
+    def start(self) -> "RayCluster":
+        import ray
+        from ray import serve
+
+        if self.local:
+            self.metrics_port = free_port()
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                     num_cpus=self.num_cpus or max(8, os.cpu_count() or 1), log_to_driver=False,
+                     _metrics_export_port=self.metrics_port, configure_logging=False)
+            self.http_port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": self.http_port})
+        else:
+            try:
+                ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+            except (ConnectionError, ValueError, RuntimeError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ClusterError(
+                    f"--ray-address {self.address}: cannot connect to a Ray cluster there ({first}); "
+                    "check the address (`ray status` on the head prints it), or omit --ray-address to start a "
+                    "local head") from None
+            head = next((n for n in self.nodes() if n.is_head), None)
+            self.http_host = head.ip if head else "127.0.0.1"
+            serve.start(http_options={"host": "0.0.0.0"})
+            self.http_port = compat.serve_http_port()
+        return self
+
+    def nodes(self, refresh: bool = False) -> list[NodeInfo]:
+        if self._nodes is None or refresh:
+            self._nodes = nodes_from_ray()
+        return self._nodes
+
+    def metrics_urls(self) -> list[str]:
+        import ray
+
+        urls = []
+        for n in ray.nodes():
+            if n.get("Alive") and n.get("MetricsExportPort"):
+                urls.append(f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics")
+        return urls
+
+    @property
+    def http_base(self) -> str:
+        return f"http://{self.http_host}:{self.http_port}"
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        if not ray.is_initialized():
+            return
+        if self.local:
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+        else:
+            ray.shutdown()  # the cluster and its other applications are someone else's
+
+
+def engine_env(t: Topology, local: bool) -> dict[str, str]:
+    env: dict[str, str] = {}
+    if local:
+        env.update(LOOPBACK_ENV)
+    if t.device == "cpu":
+        env.update(CPU_ENV)
+    if t.ucx_tls:
+        env["UCX_TLS"] = t.ucx_tls
+    if t.kv_transport == "LIBFABRIC":
+        env.setdefault("FI_PROVIDER", "efa")
+    env.update(t.env)
+    return env
+
+
+def llm_config(t: Topology, role: str, model_path: Path, placement: PlacementPlan, local: bool,
+               *, stream_batching_interval_ms: int = 0) -> dict[str, Any]:
+    """The LLMConfig (as a dict) for one role of a topology."""
+    r = t.roles()[role]
+    engine_kwargs: dict[str, Any] = {"tensor_parallel_size": r.tp, "max_model_len": t.max_model_len}
+    if t.device == "cpu":
+        engine_kwargs.update({"enforce_eager": True, "dtype": "float32"})
+    if not has_weights(model_path):
+        engine_kwargs["load_format"] = "dummy"
+    if t.kind == "pd":
+        engine_kwargs["kv_transfer_config"] = compat.nixl_kv_transfer_config(role, t.device, t.kv_transport)
+    engine_kwargs.update(t.engine_kwargs)
+    experimental: dict[str, Any] = {"stream_batching_interval_ms": stream_batching_interval_ms}
+    if t.kind == "pd":
+        experimental["_prewarm_prefill_decode"] = True
+    return {
+        "model_loading_config": {"model_id": t.name, "model_source": str(model_path)},
+        "engine_kwargs": engine_kwargs,
+        "deployment_config": {"num_replicas": r.replicas},
+        "placement_group_config": placement.roles[role].placement_group_config,
+        "experimental_configs": experimental,
+        "runtime_env": {"env_vars": engine_env(t, local)},
+        "log_engine_metrics": True,
+    }
+
+
+def build_app(t: Topology, model_path: Path, placement: PlacementPlan, local: bool,
+              *, stream_batching_interval_ms: int = 0):
+    from ray.serve.llm import build_openai_app, build_pd_openai_app
+
+    ingress = {"num_replicas": t.ingress_replicas}
+    kw = {"stream_batching_interval_ms": stream_batching_interval_ms}
+    if t.kind == "collocated":
+        return build_openai_app({"llm_configs": [llm_config(t, "collocated", model_path, placement, local, **kw)],
+                                 "ingress_deployment_config": ingress})
+    return build_pd_openai_app({
+        "prefill_config": llm_config(t, "prefill", model_path, placement, local, **kw),
+        "decode_config": llm_config(t, "decode", model_path, placement, local, **kw),
+        "ingress_deployment_config": ingress,
+    })
+
+
+def _replica_actors(app: str) -> list[dict[str, Any]]:
+    prefix = f"ServeReplica:{app}:"
+    return [a for a in compat.actor_table() if (a.get("ActorClassName") or "").startswith(prefix)]
+
+
+def _actor_log_tail(actor: dict[str, Any], n: int) -> str:
+    """Last lines of a replica's stderr (vLLM logs there): local log files, else the state API."""
+    pid = actor.get("Pid")
+    logs_dir = compat.local_logs_dir()
+    if logs_dir and pid:
+        files = sorted(Path(logs_dir).glob(f"worker-*-{pid}.err"), key=lambda p: p.stat().st_mtime)
+        if files:
+            return tail_file(files[-1], n)
+    try:
+        from ray.util.state import get_log
+
+        return "".join(get_log(pid=pid, node_id=actor["Address"]["NodeID"], tail=n, suffix="err", timeout=10))
+    except Exception as e:  # noqa: BLE001 - a missing log must not hide the real failure
+        return f"(log unavailable: {type(e).__name__}: {e})"
+
+
+class RayServeDeployment(Deployment):
+    backend = "ray"
+
+    def __init__(self, topology: Topology, cluster: RayCluster, *, model: str | None = None,
+                 stream_batching_interval_ms: int = 0, app_suffix: str = ""):
+        self.topology = topology
+        self.cluster = cluster
+        self.model = model or topology.model
+        self.stream_batching_interval_ms = stream_batching_interval_ms
+        self.app = topology.name + app_suffix
+        self._started = False
+
+    # -- observation ---------------------------------------------------------------------------
+    def restarts(self) -> int:
+        """Replicas replaced (dead replica actors) plus in-place actor restarts."""
+        actors = _replica_actors(self.app)
+        return sum(1 for a in actors if a.get("State") == "DEAD") + sum(int(a.get("NumRestarts") or 0) for a in actors)
+
+    def log_tail(self, n: int = 40) -> str:
+        chunks = []
+        for a in _replica_actors(self.app):
+            if "Ingress" in a.get("ActorClassName", ""):
+                continue
+            lines = [ln for ln in _actor_log_tail(a, n).splitlines() if ln.strip()][-n:]
+            chunks.append(f"--- {a['ActorClassName']} ({a.get('State')}, pid {a.get('Pid')}) last {len(lines)} lines:\n"
+                          + "\n".join(lines))
+        return "\n".join(chunks) or "(no replica logs found)"
+
+    def _status_text(self) -> str:
+        from ray import serve
+
+        st = serve.status().applications.get(self.app)
+        if st is None:
+            return "application not yet known to Serve"
+        parts = [f"app {st.status.value}" + (f" ({st.message})" if st.message else "")]
+        for name, d in st.deployments.items():
+            parts.append(f"{name}: {d.status.value} replicas {dict(d.replica_states)}" + (f" {d.message[:300]}" if d.message else ""))
+        return "; ".join(parts)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self, timeout_s: float = 900.0) -> Endpoint:
+        from ray import serve
+
+        t = self.topology
+        placement = plan(t, self.cluster.nodes())
+        if not placement.feasible:
+            raise ClusterError(placement.reason or "")
+        model_path = ensure_model(self.model)
+        t0 = time.monotonic()
+        app = build_app(t, model_path, placement, self.cluster.local,
+                        stream_batching_interval_ms=self.stream_batching_interval_ms)
+        self._started = True
+        serve.run(app, name=self.app, route_prefix=f"/{self.app}", blocking=False)
+        base = f"{self.cluster.http_base}/{self.app}"
+
+        def app_running() -> bool | None:
+            st = serve.status().applications.get(self.app)
+            if st is None:
+                return None
+            if st.status.value in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise DeployError(f"topology {t.name}: Serve reports {self._status_text()}\n{self.log_tail()}")
+            return True if st.status.value == "RUNNING" else None
+
+        def models_answer() -> bool | None:
+            try:
+                with urllib.request.urlopen(f"{base}/v1/models", timeout=10) as resp:
+                    ids = [m["id"] for m in json.load(resp).get("data", [])]
+                    return True if t.name in ids else None
+            except (urllib.error.URLError, OSError, ValueError):
+                return None
+
+        try:
+            poll_until(app_running, what=f"Serve application '{self.app}' to be RUNNING", timeout_s=timeout_s,
+                       interval_s=1.0, describe=self._status_text)
+            remaining = max(30.0, timeout_s - (time.monotonic() - t0))
+            poll_until(models_answer, what=f"{base}/v1/models to list '{t.name}'", timeout_s=remaining)
+        except WaitTimeout as e:
+            raise DeployError(f"topology {t.name}: {e}\n{self.log_tail()}") from None
+        startup_s = time.monotonic() - t0
+        restarts = self.restarts()
+        if restarts:
+            log.warning("topology %s: %d replica restart(s) during start-up", t.name, restarts)
+        return Endpoint(
+            topology=t, backend=self.backend, base_url=base, model_id=t.name, tokenizer_path=model_path,
+            metrics_urls=self.cluster.metrics_urls(), startup_s=startup_s, placement=placement,
+            restarts_at_ready=restarts, restart_counter=self.restarts, log_tail=self.log_tail,
+            details={"app": self.app, "ray_address": self.cluster.address or "local",
+                     "stream_batching_interval_ms": self.stream_batching_interval_ms})
+
+    def stop(self, timeout_s: float = 120.0) -> None:
+        """Delete the application and check that its replicas and placement groups are gone."""
+        if not self._started:
+            return
+        from ray import serve
+
+        serve.delete(self.app, _blocking=True)
+
+        def gone() -> bool | None:
+            alive = [a for a in _replica_actors(self.app) if a.get("State") != "DEAD"]
+            pgs = [p for p in compat.placement_groups()
+                   if p.get("state") != "REMOVED" and f"{self.app}#" in (p.get("name") or "")]
+            return True if not alive and not pgs else None
+
+        poll_until(gone, what=f"replicas and placement groups of '{self.app}' to be released", timeout_s=timeout_s)
+        self._started = False

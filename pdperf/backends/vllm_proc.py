@@ -1,0 +1,200 @@
+"""Plain ``vllm serve`` processes: the no-Ray reference that shows what Ray itself costs.
+
+Each engine of the topology is one ``vllm serve`` process on a free port (GPUs assigned in
+order through CUDA_VISIBLE_DEVICES on GPU machines); PD and multi-replica topologies get
+the small proxy in ``pd_proxy``. Single-node only: a multi-node topology is skipped with
+the reason. Every process is started in its own process group and killed as a group.
+Readiness races every engine's ``/health`` against its process exiting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pdperf import compat
+from pdperf.backends.base import Deployment, Endpoint, kill_process_group, tail_file
+from pdperf.backends.ray_serve import engine_env
+from pdperf.errors import ClusterError, DeployError
+from pdperf.models import ensure_model, has_weights
+from pdperf.specs import Topology
+from pdperf.waiting import WaitTimeout, free_port, poll_until
+
+
+@dataclass
+class _Proc:
+    name: str
+    proc: subprocess.Popen
+    url: str
+    log_path: Path
+
+
+def _flags(kwargs: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for k, v in kwargs.items():
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            out.append(flag)
+        elif v is False or v is None:
+            continue
+        elif isinstance(v, (dict, list)):
+            out += [flag, json.dumps(v)]
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+def vllm_cli() -> list[str]:
+    exe = shutil.which("vllm", path=str(Path(sys.executable).parent)) or shutil.which("vllm")
+    return [exe] if exe else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+
+
+def gpu_count() -> int:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([x for x in visible.split(",") if x.strip()])
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for ln in out.stdout.splitlines() if ln.startswith("GPU "))
+
+
+class VllmProcessDeployment(Deployment):
+    backend = "vllm"
+
+    def __init__(self, topology: Topology, log_dir: Path, *, model: str | None = None):
+        self.topology = topology
+        self.model = model or topology.model
+        self.log_dir = Path(log_dir)
+        self.procs: list[_Proc] = []
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str], url: str) -> _Proc:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{self.topology.name}-{name}.log"
+        with open(log_path, "wb") as logf:
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                    stdin=subprocess.DEVNULL)
+        p = _Proc(name, proc, url, log_path)
+        self.procs.append(p)
+        return p
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(f"--- {p.name} ({p.log_path}) last lines:\n{tail_file(p.log_path, n)}" for p in self.procs)
+
+    def start(self, timeout_s: float = 900.0) -> Endpoint:
+        t = self.topology
+        if t.nodes_needed > 1:
+            raise ClusterError(f"topology {t.name}: the vllm backend runs on one node; 'spread' needs the ray backend")
+        gpus_here = gpu_count() if t.device == "gpu" else 0
+        if t.device == "gpu" and gpus_here < t.gpus:
+            raise ClusterError(f"topology {t.name}: needs {t.gpus} GPUs, this node has {gpus_here}")
+        model_path = ensure_model(self.model)
+        t0 = time.monotonic()
+        next_gpu = 0
+        engines: dict[str, list[_Proc]] = {}
+        for role, r in t.roles().items():
+            for i in range(r.replicas):
+                port = free_port()
+                env = dict(os.environ)
+                env.update(engine_env(t, local=True))
+                env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(free_port())
+                if t.device == "gpu":
+                    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(next_gpu, next_gpu + r.tp))
+                    next_gpu += r.tp
+                kwargs: dict[str, Any] = {"tensor_parallel_size": r.tp, "max_model_len": t.max_model_len,
+                                          "served_model_name": t.name}
+                if t.device == "cpu":
+                    kwargs.update({"enforce_eager": True, "dtype": "float32"})
+                if not has_weights(model_path):
+                    kwargs["load_format"] = "dummy"
+                if t.kind == "pd":
+                    kwargs["kv_transfer_config"] = compat.nixl_kv_transfer_config(role, t.device, t.kv_transport)
+                kwargs.update(t.engine_kwargs)
+                cmd = vllm_cli() + ["serve", str(model_path), "--host", "127.0.0.1", "--port", str(port)] + _flags(kwargs)
+                engines.setdefault(role, []).append(self._spawn(f"{role}{i}", cmd, env, f"http://127.0.0.1:{port}"))
+        front: _Proc | None = None
+        all_engines = [p for ps in engines.values() for p in ps]
+        if t.kind == "pd" or len(all_engines) > 1:
+            port = free_port()
+            decode = engines.get("decode") or engines["collocated"]
+            cmd = [sys.executable, "-m", "pdperf.backends.pd_proxy", "--port", str(port),
+                   "--decode", ",".join(p.url for p in decode),
+                   "--prefill", ",".join(p.url for p in engines.get("prefill", []))]
+            front = self._spawn("proxy", cmd, dict(os.environ), f"http://127.0.0.1:{port}")
+
+        def all_healthy() -> bool | None:
+            for p in self.procs:
+                if p.proc.poll() is not None:
+                    raise DeployError(f"topology {t.name}: process {p.name} exited with code {p.proc.returncode} "
+                                      f"during start-up\n{self.log_tail()}")
+            for p in self.procs:
+                try:
+                    with urllib.request.urlopen(p.url + "/health", timeout=5) as resp:
+                        if resp.status != 200:
+                            return None
+                except (urllib.error.URLError, OSError):
+                    return None
+            return True
+
+        try:
+            poll_until(all_healthy, what=f"/health of {', '.join(p.name for p in self.procs)}", timeout_s=timeout_s,
+                       interval_s=1.0)
+        except WaitTimeout as e:
+            raise DeployError(f"topology {t.name}: {e}\n{self.log_tail()}") from None
+        base = (front or all_engines[0]).url
+        return Endpoint(topology=t, backend=self.backend, base_url=base, model_id=t.name, tokenizer_path=model_path,
+                        metrics_urls=[p.url + "/metrics" for p in all_engines], startup_s=time.monotonic() - t0,
+                        restart_counter=lambda: 0, log_tail=self.log_tail,
+                        details={"engines": {p.name: p.url for p in all_engines}, "logs": str(self.log_dir)})
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            kill_process_group(p.proc)
+        self.procs.clear()
+
+
+class ExternalDeployment(Deployment):
+    """A server someone else runs: the suite only measures it."""
+
+    backend = "external"
+
+    def __init__(self, topology: Topology, url: str, *, tokenizer: str | None = None, model_id: str | None = None,
+                 metrics_urls: list[str] | None = None):
+        self.topology = topology
+        self.url = url.rstrip("/")
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.metrics_urls = metrics_urls or []
+
+    def start(self, timeout_s: float = 60.0) -> Endpoint:
+        def models() -> list[str] | None:
+            try:
+                with urllib.request.urlopen(self.url + "/v1/models", timeout=10) as resp:
+                    return [m["id"] for m in json.load(resp).get("data", [])]
+            except (urllib.error.URLError, OSError, ValueError):
+                return None
+
+        try:
+            ids = poll_until(models, what=f"{self.url}/v1/models to answer", timeout_s=timeout_s)
+        except WaitTimeout as e:
+            raise DeployError(f"--external-url {self.url}: {e}; check the URL and that the server is up") from None
+        model_id = self.model_id or (ids[0] if ids else None)
+        if not model_id or model_id not in ids:
+            raise DeployError(f"--external-url {self.url}: serves models {ids}, not '{model_id}'; pass --external-model")
+        tokenizer = ensure_model(self.tokenizer or self.topology.model)
+        return Endpoint(topology=self.topology, backend=self.backend, base_url=self.url, model_id=model_id,
+                        tokenizer_path=tokenizer, metrics_urls=self.metrics_urls, startup_s=0.0,
+                        details={"url": self.url})
+
+    def stop(self) -> None:
+        pass

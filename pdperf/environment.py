@@ -1,0 +1,69 @@
+"""The environment fingerprint stored with every result and baseline.
+
+Numbers are only comparable on the same hardware and stack, so every result carries what
+it ran on: the hardware id (the key of the baseline store), the nodes, GPUs, EFA, the
+versions of ray / vllm / nixl / torch / UCX, the UCX and NIXL settings in force, and the
+git commit of the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from pdperf import compat
+from pdperf.cluster import ClusterShape
+
+ENV_PREFIXES = ("UCX_", "NIXL_", "FI_", "VLLM_NIXL", "NCCL_")
+
+
+def git_sha(root: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
+        sha = out.stdout.strip() if out.returncode == 0 else None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return f"{sha}-dirty" if sha and dirty else sha
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def ucx_version() -> str | None:
+    try:
+        out = subprocess.run(["ucx_info", "-v"], capture_output=True, text=True, timeout=10)
+        for line in out.stdout.splitlines():
+            if "version" in line.lower():
+                return line.strip("# ").strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return None
+
+
+def fingerprint(shape: ClusterShape, *, backend: str, root: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    gpu_nodes = shape.gpu_nodes
+    env = {
+        "hardware_id": shape.hardware_id,
+        "backend": backend,
+        "nodes": len(shape.nodes),
+        "gpu_nodes": len(gpu_nodes),
+        "gpus": sum(n.gpus for n in gpu_nodes),
+        "gpu_model": ", ".join(sorted({n.gpu_model or "?" for n in gpu_nodes})) or None,
+        "gpus_per_node": [n.gpus for n in gpu_nodes],
+        "efa": {n.ip: n.efa_devices for n in gpu_nodes} if gpu_nodes else {},
+        "cpu_model": shape.cpu_model,
+        "cpu_cores": shape.cpu_cores,
+        "python": platform.python_version(),
+        "ray": compat.version("ray"),
+        "vllm": compat.version("vllm"),
+        "nixl": compat.version("nixl"),
+        "torch": compat.version("torch"),
+        "ucx": ucx_version(),
+        "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
+        "git_sha": git_sha(root),
+    }
+    env.update(extra or {})
+    return env

@@ -1,0 +1,97 @@
+"""Deployments for a test session: each topology stood up once, shared, torn down at the end.
+
+The pool is what the session fixtures hold. ``get(topology)`` deploys on first use and
+returns the same Endpoint afterwards; when ``max_alive`` deployments are up, the least
+recently used one is torn down first (a 2-core CI machine cannot hold many engines). A
+deployment that failed is remembered with its error, so every test that needs it fails
+fast with the same message instead of retrying a multi-minute start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pdperf.backends.base import Deployment, Endpoint
+from pdperf.errors import PdperfError
+from pdperf.specs import Topology
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StartupRecord:
+    topology: str
+    backend: str
+    startup_s: float | None
+    restarts_at_ready: int = 0
+    error: str | None = None
+    teardown_s: float | None = None
+    details: dict = field(default_factory=dict)
+
+
+class DeploymentPool:
+    def __init__(self, factory: Callable[[Topology], Deployment], *, max_alive: int = 2,
+                 timeout_s: float = 900.0):
+        self.factory = factory
+        self.max_alive = max(1, max_alive)
+        self.timeout_s = timeout_s
+        self._alive: OrderedDict[str, tuple[Deployment, Endpoint]] = OrderedDict()
+        self._failed: dict[str, PdperfError] = {}
+        self.startups: list[StartupRecord] = []
+
+    def get(self, topology: Topology) -> Endpoint:
+        name = topology.name
+        if name in self._failed:
+            raise self._failed[name]
+        if name in self._alive:
+            self._alive.move_to_end(name)
+            return self._alive[name][1]
+        while len(self._alive) >= self.max_alive:
+            self._stop(next(iter(self._alive)))
+        deployment = self.factory(topology)
+        try:
+            endpoint = deployment.start(self.timeout_s)
+        except PdperfError as e:
+            self._failed[name] = e
+            self.startups.append(StartupRecord(name, deployment.backend, None, error=str(e).splitlines()[0]))
+            self._safe_stop(deployment)
+            raise
+        except BaseException:
+            self._safe_stop(deployment)
+            raise
+        self._alive[name] = (deployment, endpoint)
+        self.startups.append(StartupRecord(name, deployment.backend, endpoint.startup_s, endpoint.restarts_at_ready,
+                                           details=dict(endpoint.details)))
+        return endpoint
+
+    def alive(self) -> list[str]:
+        return list(self._alive)
+
+    def _safe_stop(self, deployment: Deployment) -> None:
+        try:
+            deployment.stop()
+        except Exception as e:  # noqa: BLE001 - report the start-up error, not the cleanup's
+            log.warning("cleanup after failed start of %s: %s", getattr(deployment, "topology", "?"), e)
+
+    def _stop(self, name: str) -> None:
+        deployment, _ = self._alive.pop(name)
+        t0 = time.monotonic()
+        deployment.stop()
+        for rec in reversed(self.startups):
+            if rec.topology == name and rec.teardown_s is None:
+                rec.teardown_s = time.monotonic() - t0
+                break
+
+    def close(self) -> list[str]:
+        """Tear every deployment down; return the errors met (teardown continues past them)."""
+        errors = []
+        for name in list(self._alive):
+            try:
+                self._stop(name)
+            except Exception as e:  # noqa: BLE001 - keep tearing the rest down, report all
+                errors.append(f"teardown of {name}: {type(e).__name__}: {e}")
+        return errors

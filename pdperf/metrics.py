@@ -1,0 +1,185 @@
+"""Metric definitions: one place, one meaning (docs/METHODOLOGY.md explains each).
+
+All latencies start at the request's *scheduled* send time, so client-side queueing is
+inside TTFT and E2E and also reported alone as ``queue_ms``.
+
+- ``ttft_ms``  = first content token arrival - scheduled send
+- ``e2e_ms``   = last content token arrival - scheduled send
+- ``tpot_ms``  = (e2e - ttft) / (output_tokens - 1)   (vLLM's definition; needs >= 2 tokens)
+- ``itl_ms``   = per-token gaps: a chunk that carries k tokens after a gap g adds k samples
+                 of g / k, so multi-token chunks do not masquerade as long stalls
+- ``queue_ms`` = actual send - scheduled send (time the client held the request back)
+
+Percentiles use linear interpolation between order statistics (numpy's default, as vLLM
+bench does); the p99 interval is a seeded percentile bootstrap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from pdperf.results import RequestRecord
+
+LATENCY_METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "queue_ms")
+PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
+UNITS = {"ttft_ms": "ms", "tpot_ms": "ms", "itl_ms": "ms", "e2e_ms": "ms", "queue_ms": "ms"}
+# Throughput-like numbers where bigger is better; every latency metric is smaller-is-better.
+HIGHER_IS_BETTER = {"req_per_s", "input_tok_per_s", "output_tok_per_s", "output_tok_per_s_per_gpu",
+                    "goodput_req_per_s", "slo_attainment"}
+
+
+def pkey(p: float) -> str:
+    """Summary key of a percentile: 50 -> 'p50', 99.9 -> 'p99.9'."""
+    return f"p{p:g}"
+
+
+def ttft_ms(r: RequestRecord) -> float | None:
+    if r.first_token_s is None:
+        return None
+    return (r.first_token_s - r.scheduled_s) * 1000.0
+
+
+def e2e_ms(r: RequestRecord) -> float | None:
+    if r.end_s is None:
+        return None
+    return (r.end_s - r.scheduled_s) * 1000.0
+
+
+def queue_ms(r: RequestRecord) -> float | None:
+    if r.sent_s is None:
+        return None
+    return (r.sent_s - r.scheduled_s) * 1000.0
+
+
+def tpot_ms(r: RequestRecord) -> float | None:
+    if r.first_token_s is None or r.end_s is None or r.output_tokens < 2:
+        return None
+    return (r.end_s - r.first_token_s) * 1000.0 / (r.output_tokens - 1)
+
+
+def itl_ms(r: RequestRecord) -> list[float]:
+    """Per-token inter-token latencies of one request (empty for < 2 chunks)."""
+    times = r.chunk_times_s
+    tokens = r.chunk_tokens if len(r.chunk_tokens) == len(times) else [1] * len(times)
+    out: list[float] = []
+    for i in range(1, len(times)):
+        k = max(int(tokens[i]), 1)
+        gap = (times[i] - times[i - 1]) * 1000.0 / k
+        out.extend([gap] * k)
+    return out
+
+
+_SCALAR = {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "e2e_ms": e2e_ms, "queue_ms": queue_ms}
+
+
+def samples(records: Iterable[RequestRecord], metric: str) -> np.ndarray:
+    """All samples of ``metric`` over the successful, non-warm-up requests."""
+    good = [r for r in records if r.ok and not r.warmup]
+    if metric == "itl_ms":
+        vals: list[float] = []
+        for r in good:
+            vals.extend(itl_ms(r))
+        return np.asarray(vals, dtype=float)
+    fn = _SCALAR[metric]
+    return np.asarray([v for v in (fn(r) for r in good) if v is not None], dtype=float)
+
+
+def bootstrap_ci(values: np.ndarray, percentile: float, *, resamples: int = 1000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float] | None:
+    """Percentile-bootstrap confidence interval of a percentile; None below 10 samples."""
+    if len(values) < 10:
+        return None
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(resamples, len(values)))
+    stats = np.percentile(values[idx], percentile, axis=1)
+    lo, hi = np.percentile(stats, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class Distribution:
+    n: int
+    mean: float | None
+    percentiles: dict[str, float]
+    p99_ci: tuple[float, float] | None
+
+    def to_dict(self) -> dict:
+        d: dict = {"n": self.n, "mean": self.mean, **self.percentiles}
+        d["p99_ci"] = list(self.p99_ci) if self.p99_ci else None
+        return d
+
+
+def describe(values: np.ndarray) -> Distribution:
+    if len(values) == 0:
+        return Distribution(0, None, {pkey(p): None for p in PERCENTILES}, None)  # type: ignore[misc]
+    pct = np.percentile(values, PERCENTILES)
+    return Distribution(
+        n=int(len(values)),
+        mean=float(np.mean(values)),
+        percentiles={pkey(p): float(v) for p, v in zip(PERCENTILES, pct)},
+        p99_ci=bootstrap_ci(values, 99.0),
+    )
+
+
+def meets(r: RequestRecord, slos: Sequence) -> bool:
+    """Whether one request meets every per-request SLO bound (used for goodput).
+
+    A request meets ``p99_ttft_ms <= 500`` when its own TTFT is <= 500 ms (the SLO's percentile
+    applies to the point, the bound to each request), as in vLLM's and DistServe's goodput.
+    """
+    if not r.ok:
+        return False
+    for slo in slos:
+        if slo.metric == "itl_ms":
+            vals = itl_ms(r)
+            v = max(vals) if vals else None
+        else:
+            v = _SCALAR[slo.metric](r)
+        if v is not None and v > slo.bound:
+            return False
+    return True
+
+
+def summarize(records: Sequence[RequestRecord], *, duration_s: float, gpus: int = 0,
+              slos: Sequence = ()) -> dict:
+    """The point's summary: distributions, throughput, goodput, SLO verdicts, errors."""
+    measured = [r for r in records if not r.warmup]
+    good = [r for r in measured if r.ok]
+    errors: dict[str, int] = {}
+    for r in measured:
+        if not r.ok:
+            kind = r.error or "incomplete"
+            errors[kind] = errors.get(kind, 0) + 1
+    dur = max(duration_s, 1e-9)
+    out_tok = sum(r.output_tokens for r in good)
+    in_tok = sum(r.input_tokens for r in good)
+    dists = {m: describe(samples(measured, m)).to_dict() for m in LATENCY_METRICS}
+    meeting = sum(1 for r in good if meets(r, slos)) if slos else len(good)
+    slo_results = []
+    for slo in slos:
+        observed = dists[slo.metric].get(pkey(slo.percentile))
+        if observed is None and dists[slo.metric]["n"]:
+            observed = float(np.percentile(samples(measured, slo.metric), slo.percentile))
+        slo_results.append({"slo": str(slo), "metric": slo.metric, "percentile": slo.percentile,
+                            "bound": slo.bound, "observed": observed,
+                            "passed": observed is not None and observed <= slo.bound})
+    return {
+        "requests": len(measured),
+        "requests_ok": len(good),
+        "requests_failed": len(measured) - len(good),
+        "errors": errors,
+        "duration_s": duration_s,
+        "metrics": dists,
+        "throughput": {
+            "req_per_s": len(good) / dur,
+            "input_tok_per_s": in_tok / dur,
+            "output_tok_per_s": out_tok / dur,
+            "output_tok_per_s_per_gpu": (out_tok / dur / gpus) if gpus else None,
+        },
+        "goodput_req_per_s": meeting / dur,
+        "slo_attainment": (meeting / len(measured)) if measured else None,
+        "slos": slo_results,
+    }

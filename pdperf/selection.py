@@ -1,0 +1,223 @@
+"""What a session runs: topologies and workloads chosen from options, and what the cluster can hold.
+
+Kept apart from pytest so it is unit-tested with fake node lists: given the options and the
+cluster's nodes, which topologies run, which are skipped and why, and which sweep cases
+(topology x workload x point) exist, each with an id that carries its coordinates.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pdperf.backends.base import Deployment
+from pdperf.cluster import ClusterShape, NodeInfo, detect_efa, local_cpu
+from pdperf.errors import ClusterError, SpecError
+from pdperf.placement import plan
+from pdperf.specs import Topology, Workload, all_topologies, all_workloads
+
+
+@dataclass(frozen=True)
+class SweepCase:
+    topology: Topology
+    workload: Workload
+    point: float
+    requests: int
+
+    @property
+    def point_id(self) -> str:
+        return self.workload.sweep.point_id(self.point)
+
+    @property
+    def id(self) -> str:
+        return f"{self.topology.name}/{self.workload.name}/{self.point_id}"
+
+
+def _match(name: str, patterns: list[str]) -> bool:
+    return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def local_nodes(sysfs: Path = Path("/sys")) -> list[NodeInfo]:
+    """This machine as a one-node cluster (what a local Ray head or the vllm backend will see)."""
+    gpus, model = 0, None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)
+        names = [ln.strip() for ln in out.stdout.splitlines() if ln.strip()] if out.returncode == 0 else []
+        gpus = len(names)
+        if names:
+            model = next((tok for tok in names[0].replace("-", " ").split() if tok[:1] in "AHBL" and tok[1:2].isdigit()),
+                         names[0])
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    _, cores = local_cpu()
+    return [NodeInfo(node_id="local", ip="127.0.0.1", gpus=gpus, cpus=float(max(cores, 8)), gpu_model=model,
+                     efa_devices=len(detect_efa(sysfs)), is_head=True)]
+
+
+@dataclass
+class SessionContext:
+    backend: str
+    device: str
+    topology_patterns: list[str]
+    workload_patterns: list[str]
+    ray_address: str | None = None
+    model_override: str | None = None
+    external_url: str | None = None
+    external_model: str | None = None
+    tokenizer: str | None = None
+    deploy_timeout_s: float = 900.0
+    max_alive: int = 2
+    requests_scale: float = 1.0
+    stream_batching_ms: int = 0
+    nodes: list[NodeInfo] = field(default_factory=list)
+    all_topologies: dict[str, Topology] = field(default_factory=dict)
+    all_workloads: dict[str, Workload] = field(default_factory=dict)
+    cluster: Any = None
+    pool: Any = None
+
+    @classmethod
+    def from_options(cls, opt: Any, root: Path, nodes: list[NodeInfo] | None = None) -> "SessionContext":
+        ctx = cls(backend=opt.backend, device=opt.device, topology_patterns=list(opt.topology or []),
+                  workload_patterns=list(opt.workload or []), ray_address=opt.ray_address,
+                  model_override=opt.model, external_url=opt.external_url, external_model=opt.external_model,
+                  tokenizer=opt.tokenizer, deploy_timeout_s=opt.deploy_timeout, max_alive=opt.max_alive,
+                  requests_scale=opt.requests_scale, stream_batching_ms=opt.stream_batching_ms)
+        ctx.all_topologies = all_topologies(root / "topologies")
+        ctx.all_workloads = all_workloads(root / "workloads")
+        unknown = [p for p in ctx.topology_patterns if not any(fnmatch.fnmatchcase(n, p) for n in ctx.all_topologies)]
+        if unknown and ctx.backend != "external":
+            raise SpecError(f"--topology {', '.join(unknown)}: no such topology in topologies/; known: "
+                            f"{', '.join(sorted(ctx.all_topologies))}")
+        if ctx.backend == "external" and not ctx.external_url:
+            raise SpecError("--backend external needs --external-url URL (the server's base URL)")
+        if ctx.requests_scale <= 0:
+            raise SpecError(f"--requests-scale {ctx.requests_scale}: must be > 0")
+        ctx.nodes = nodes if nodes is not None else ctx._discover_nodes()
+        if ctx.device == "auto":
+            ctx.device = "gpu" if any(n.gpus for n in ctx.nodes) else "cpu"
+        return ctx
+
+    # -- cluster -------------------------------------------------------------------------------
+    def _discover_nodes(self) -> list[NodeInfo]:
+        if self.backend == "ray" and self.ray_address:
+            self.connect()
+            return self.cluster.nodes()
+        return local_nodes()
+
+    def connect(self) -> None:
+        if self.backend != "ray" or self.cluster is not None:
+            return
+        from pdperf.backends.ray_serve import RayCluster
+
+        self.cluster = RayCluster(self.ray_address).start()
+        if self.ray_address:
+            self.nodes = self.cluster.nodes()
+
+    def disconnect(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
+
+    def shape(self) -> ClusterShape:
+        model, cores = local_cpu()
+        return ClusterShape(nodes=list(self.nodes), cpu_model=model, cpu_cores=cores)
+
+    def cluster_description(self) -> str:
+        gpu_nodes = [n for n in self.nodes if n.gpus]
+        if not gpu_nodes:
+            return f"{len(self.nodes)} node(s), no GPU"
+        return ", ".join(f"{n.ip}: {n.gpus}x {n.gpu_model or 'GPU'}{' +EFA' if n.has_efa else ''}" for n in gpu_nodes)
+
+    # -- selection -----------------------------------------------------------------------------
+    def _external_topology(self) -> Topology:
+        return Topology(name="external", kind="collocated", device="cpu", model=self.tokenizer or "tiny-llama",
+                        collocated={"replicas": 1, "tp": 1}, description=f"external server at {self.external_url}")
+
+    def topologies(self, kind: str | None = None) -> list[Topology]:
+        if self.backend == "external":
+            picked = [t for n, t in self.all_topologies.items() if self.topology_patterns and _match(n, self.topology_patterns)]
+            topos = picked[:1] or [self._external_topology()]
+        else:
+            topos = [t for n, t in sorted(self.all_topologies.items()) if _match(n, self.topology_patterns)]
+        return [t for t in topos if kind is None or t.kind == kind]
+
+    def workloads(self) -> list[Workload]:
+        return [w for n, w in sorted(self.all_workloads.items())
+                if _match(n, self.workload_patterns) and w.device in ("any", self.device)]
+
+    def sweep_cases(self, sweep_kind: str | None = None) -> list[SweepCase]:
+        cases = []
+        for w in self.workloads():
+            if sweep_kind and w.sweep.kind != sweep_kind:
+                continue
+            for t in self.topologies():
+                if t.device != self.device and self.backend != "external":
+                    continue
+                if not _match(t.name, w.topologies):
+                    continue
+                for p in w.sweep.points:
+                    n = max(int(round(w.sweep.requests_at(p) * self.requests_scale)), 1)
+                    cases.append(SweepCase(t, w, p, n))
+        return cases
+
+    def skip_reason(self, t: Topology) -> str | None:
+        if self.backend == "external":
+            return None
+        if t.device == "cpu" and self.device == "gpu":
+            return f"topology {t.name}: embedded-CPU topology; run it with --device cpu"
+        p = plan(t, self.nodes)
+        if not p.feasible:
+            return p.reason
+        if t.device == "gpu" and self.device == "cpu":
+            return f"topology {t.name}: GPU topology; this run is --device cpu"
+        if self.backend == "vllm" and t.nodes_needed > 1:
+            return f"topology {t.name}: the vllm backend is single-node; 'spread' needs --backend ray"
+        if self.backend == "vllm" and len([n for n in self.nodes if n.gpus]) > 1:
+            return None
+        return None
+
+    def reference_for(self, t: Topology) -> Topology | None:
+        """The collocated topology whose greedy output a PD topology must reproduce."""
+        if t.kind != "pd":
+            return None
+        assert t.decode is not None
+        candidates = [c for c in self.all_topologies.values()
+                      if c.kind == "collocated" and c.device == t.device and c.model == t.model
+                      and c.collocated is not None and c.collocated.tp == t.decode.tp]
+        return min(candidates, key=lambda c: (c.gpus, c.name), default=None)
+
+    def model_for(self, t: Topology) -> str:
+        return self.model_override if (self.model_override and t.device == "gpu") else t.model
+
+    def deployment_for(self, t: Topology, log_dir: Path) -> Deployment:
+        if self.backend == "ray":
+            from pdperf.backends.ray_serve import RayServeDeployment
+
+            if self.cluster is None:
+                raise ClusterError("internal: the Ray cluster is not connected")
+            return RayServeDeployment(t, self.cluster, model=self.model_for(t),
+                                      stream_batching_interval_ms=self.stream_batching_ms)
+        from pdperf.backends.vllm_proc import ExternalDeployment, VllmProcessDeployment
+
+        if self.backend == "vllm":
+            return VllmProcessDeployment(t, log_dir, model=self.model_for(t))
+        assert self.external_url
+        return ExternalDeployment(t, self.external_url, tokenizer=self.tokenizer, model_id=self.external_model)
+
+
+def item_topology(item: Any) -> Topology | None:
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return None
+    if "sweep_case" in callspec.params:
+        return callspec.params["sweep_case"].topology
+    return callspec.params.get("topology")
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
