@@ -1,0 +1,597 @@
+"""Baseline store and regression gate: "is this point slower than it was on this hardware?"
+
+Baselines live at ``baselines/<hardware_id>/<topology>/<workload>.json``, one file per
+topology and workload, one entry per load point, and keep raw per-request samples (not
+only percentiles) so the gate can test significance. A baseline recorded on other
+hardware is never used: ``compare_point`` refuses and names both fingerprints, because
+an H100 number says nothing about a CPU run (the reference study compared configs with
+different GPU counts; we refuse to).
+
+The gate's rule (docs/METHODOLOGY.md, "Regression gate"): a metric regresses only when
+the change is both statistically significant (Mann-Whitney p < alpha and the bootstrap
+ratio interval excludes 1) and larger than a per-metric, direction-aware limit. The
+limits are data in ``baselines/thresholds.yaml``, with per-hardware overrides, loaded
+here by a strict pydantic model so a typo is an error naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import numpy as np
+import yaml
+from filelock import FileLock
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pdperf import metrics
+from pdperf.errors import PdperfError
+from pdperf.results import PointResult, atomic_write_json
+from pdperf.stats import (DEFAULT_SAMPLE_CAP, bootstrap_ratio_ci, even_subsample, format_p_value, format_value,
+                          mann_whitney_u, parse_statistic, statistic_value)
+
+BASELINE_SCHEMA_VERSION = 1
+ROOT = Path(__file__).resolve().parent.parent
+BASELINE_ROOT = ROOT / "baselines"
+THRESHOLDS_PATH = BASELINE_ROOT / "thresholds.yaml"
+#: Metrics whose per-request samples are stored and can be gated.
+SAMPLED_METRICS = metrics.LATENCY_METRICS
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9._\-]*$")
+_LOCK_TIMEOUT_S = 60.0
+
+Direction = Literal["lower-is-better", "higher-is-better"]
+Verdict = Literal["regressed", "improved", "unchanged", "insufficient"]
+#: Overall statuses: the verdicts, plus "incomparable" (other hardware) and "missing" (no baseline).
+STATUSES = ("regressed", "improved", "unchanged", "insufficient", "incomparable", "missing")
+
+
+class BaselineError(PdperfError):
+    """A baseline or thresholds file that is missing what it needs, or cannot be read."""
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_metric(metric: str) -> str:
+    if metric not in SAMPLED_METRICS:
+        raise ValueError(f"metric '{metric}' has no per-request samples to gate; "
+                         f"use one of {', '.join(SAMPLED_METRICS)}")
+    return metric
+
+
+def _check_statistic(statistic: str) -> str:
+    parse_statistic(statistic)  # raises ValueError with the accepted forms
+    return statistic
+
+
+class Gate(_Strict):
+    """One gated number: ``statistic`` of ``metric`` may not get worse by more than ``max_change``."""
+
+    metric: str
+    statistic: str
+    max_change: float = Field(gt=0, description="relative limit: 0.25 lets lower-is-better grow to x1.25")
+    direction: Direction
+    min_samples: int | None = Field(None, ge=2)
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_known(cls, v: str) -> str:
+        return _check_metric(v)
+
+    @field_validator("statistic")
+    @classmethod
+    def _statistic_known(cls, v: str) -> str:
+        return _check_statistic(v)
+
+    @model_validator(mode="after")
+    def _direction_matches_metric(self) -> "Gate":
+        natural = "higher-is-better" if self.metric in metrics.HIGHER_IS_BETTER else "lower-is-better"
+        if self.direction != natural:
+            raise ValueError(f"{self.metric} is {natural} (pdperf.metrics); direction '{self.direction}' "
+                             f"would report improvements as regressions")
+        return self
+
+    @property
+    def key(self) -> str:
+        return f"{self.statistic} {self.metric}"
+
+
+class GateOverride(_Strict):
+    """A per-hardware change to the default gate with the same metric and statistic."""
+
+    metric: str
+    statistic: str
+    max_change: float | None = Field(None, gt=0)
+    direction: Direction | None = None
+    min_samples: int | None = Field(None, ge=2)
+    enabled: bool = True
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_known(cls, v: str) -> str:
+        return _check_metric(v)
+
+    @field_validator("statistic")
+    @classmethod
+    def _statistic_known(cls, v: str) -> str:
+        return _check_statistic(v)
+
+
+class HardwareOverride(_Strict):
+    match: str = Field(description="shell glob on environment.hardware_id, e.g. 'cpu-*'")
+    alpha: float | None = Field(None, gt=0, lt=1)
+    ci_level: float | None = Field(None, gt=0, lt=1)
+    min_samples: int | None = Field(None, ge=2)
+    gates: list[GateOverride] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ResolvedThresholds:
+    """The thresholds that apply to one hardware_id, overrides applied."""
+
+    alpha: float
+    ci_level: float
+    bootstrap_resamples: int
+    gates: tuple[Gate, ...]
+    source: str  # "default" or "hardware 'cpu-*'"
+
+
+class Thresholds(_Strict):
+    """The content of ``baselines/thresholds.yaml``."""
+
+    schema_version: Literal[1]
+    alpha: float = Field(gt=0, lt=1)
+    ci_level: float = Field(gt=0, lt=1)
+    bootstrap_resamples: int = Field(1000, ge=100)
+    min_samples: int = Field(30, ge=2)
+    gates: list[Gate] = Field(min_length=1)
+    hardware: list[HardwareOverride] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "Thresholds":
+        keys = [g.key for g in self.gates]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"gates: {', '.join(dup)} listed more than once; keep one entry each")
+        for i, hw in enumerate(self.hardware):
+            for g in hw.gates:
+                if g.direction is None and f"{g.statistic} {g.metric}" not in keys and g.enabled:
+                    raise ValueError(f"hardware.{i} ({hw.match}): gate {g.statistic} {g.metric} is not in the default "
+                                     "gates, so it needs max_change and direction of its own")
+        return self
+
+    def resolve(self, hardware_id: str | None) -> ResolvedThresholds:
+        """Default gates, with the first hardware override whose ``match`` fits ``hardware_id`` applied."""
+        hw = next((h for h in self.hardware if hardware_id and fnmatch.fnmatchcase(hardware_id, h.match)), None)
+        gates = {g.key: g for g in self.gates}
+        alpha, level, min_samples = self.alpha, self.ci_level, self.min_samples
+        if hw is not None:
+            alpha = hw.alpha or alpha
+            level = hw.ci_level or level
+            min_samples = hw.min_samples or min_samples
+            for o in hw.gates:
+                key = f"{o.statistic} {o.metric}"
+                if not o.enabled:
+                    gates.pop(key, None)
+                    continue
+                base = gates.get(key)
+                fields = {k: v for k, v in o.model_dump().items() if v is not None and k != "enabled"}
+                if base is not None:
+                    gates[key] = base.model_copy(update=fields)
+                else:
+                    if fields.get("max_change") is None:
+                        raise BaselineError(f"thresholds: hardware '{hw.match}' adds gate {key} without "
+                                            "max_change; add it")
+                    gates[key] = Gate(**fields)
+        filled = tuple(g if g.min_samples else g.model_copy(update={"min_samples": min_samples})
+                       for g in gates.values())
+        return ResolvedThresholds(alpha, level, self.bootstrap_resamples, filled,
+                                  f"hardware '{hw.match}'" if hw else "default")
+
+
+def load_thresholds(path: Path = THRESHOLDS_PATH) -> Thresholds:
+    """Read and validate a thresholds file; errors name the file, the key and the fix."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise BaselineError(f"{path}: no such thresholds file; pass the path of baselines/thresholds.yaml") from None
+    except yaml.YAMLError as e:
+        raise BaselineError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise BaselineError(f"{path}: expected a mapping at the top level")
+    try:
+        return Thresholds.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key; the keys are described at the top of baselines/thresholds.yaml"
+            lines.append(f"  {loc}: {msg}")
+        raise BaselineError(f"{path}: invalid thresholds\n" + "\n".join(lines)) from None
+
+
+# --------------------------------------------------------------------------- store
+
+
+def _slug(kind: str, value: Any) -> str:
+    if not isinstance(value, str) or not _SLUG.match(value):
+        raise BaselineError(f"{kind} {value!r} is not a slug (lower-case letters, digits, '.', '_', '-'); "
+                            "it names a folder under baselines/")
+    return value
+
+
+def hardware_id_of(env: dict[str, Any]) -> str | None:
+    hw = env.get("hardware_id") if isinstance(env, dict) else None
+    return hw if isinstance(hw, str) and hw else None
+
+
+def baseline_path(root: Path, hardware_id: str, topology: str, workload: str) -> Path:
+    """``root/<hardware_id>/<topology>/<workload>.json`` (each part checked to be a slug)."""
+    return (Path(root) / _slug("hardware_id", hardware_id) / _slug("topology", topology)
+            / f"{_slug('workload', workload)}.json")
+
+
+def point_samples(result: PointResult, cap: int = DEFAULT_SAMPLE_CAP) -> dict[str, list[float]]:
+    """Per-metric samples of one point (successful, non-warm-up requests), at most ``cap`` each."""
+    return {m: [float(v) for v in even_subsample(metrics.samples(result.records, m), cap)] for m in SAMPLED_METRICS}
+
+
+def _summary_of(result: PointResult) -> dict[str, Any]:
+    if result.summary:
+        return result.summary
+    return metrics.summarize(result.records, duration_s=result.duration_s, gpus=result.gpus)
+
+
+@dataclass
+class Baseline:
+    """One baseline file: the points of one topology under one workload on one hardware."""
+
+    path: Path
+    hardware_id: str
+    environment: dict[str, Any]
+    updated_at: str
+    points: dict[str, dict[str, Any]]
+
+    def entry(self, point_id: str) -> dict[str, Any] | None:
+        return self.points.get(point_id)
+
+    def environment_of(self, point_id: str) -> dict[str, Any]:
+        """The environment the point was recorded in (falls back to the file's)."""
+        e = self.points.get(point_id, {})
+        return e.get("environment") or self.environment
+
+
+def load_baseline_file(path: Path) -> Baseline:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BaselineError(f"{path}: no such baseline file") from None
+    except json.JSONDecodeError as e:
+        raise BaselineError(f"{path}: not valid JSON ({e}); restore it from git or re-record with "
+                            "--update-baselines") from None
+    if not isinstance(data, dict) or "points" not in data:
+        raise BaselineError(f"{path}: not a baseline file (no 'points' key)")
+    version = data.get("schema_version")
+    if version != BASELINE_SCHEMA_VERSION:
+        raise BaselineError(f"{path}: baseline schema_version {version} is not {BASELINE_SCHEMA_VERSION}; "
+                            "re-record it with --update-baselines")
+    hw = data.get("hardware_id")
+    if not isinstance(hw, str):
+        raise BaselineError(f"{path}: no 'hardware_id'; re-record it with --update-baselines")
+    return Baseline(path, hw, data.get("environment") or {}, str(data.get("updated_at", "")), dict(data["points"]))
+
+
+def load_baseline(root: Path, hardware_id: str, topology: str, workload: str) -> Baseline | None:
+    """The baseline file of this hardware, topology and workload; None if there is none yet."""
+    path = baseline_path(root, hardware_id, topology, workload)
+    if not path.exists():
+        return None
+    baseline = load_baseline_file(path)
+    if baseline.hardware_id != hardware_id:
+        raise BaselineError(f"{path}: holds hardware_id '{baseline.hardware_id}' but sits under '{hardware_id}'; "
+                            "move it to the folder of its hardware")
+    return baseline
+
+
+def _lock_for(path: Path) -> FileLock:
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
+    return FileLock(str(Path(tempfile.gettempdir()) / f"pdperf-baseline-{digest}.lock"), timeout=_LOCK_TIMEOUT_S)
+
+
+def write_baseline(root: Path, point_results: Iterable[PointResult], *, allow_flagged: bool = False,
+                   cap: int = DEFAULT_SAMPLE_CAP) -> list[Path]:
+    """Store ``point_results`` as baselines, merged into existing files; returns the files written.
+
+    Every point is checked before anything is written: a point without
+    ``environment["hardware_id"]``, without successful requests, or with flags such as
+    ``replica_restart_during_load`` (unless ``allow_flagged``) raises BaselineError, since
+    a baseline recorded during trouble would hide the next regression.
+    """
+    groups: dict[Path, list[PointResult]] = {}
+    for r in point_results:
+        hw = hardware_id_of(r.environment)
+        if hw is None:
+            raise BaselineError(f"point {r.id}: environment has no 'hardware_id', so it has no baseline folder; "
+                                "record the environment fingerprint with the point")
+        if r.flags and not allow_flagged:
+            raise BaselineError(f"point {r.id}: flagged {', '.join(r.flags)}; a baseline recorded like this would "
+                                "hide regressions. Re-run the point (or pass allow_flagged=True)")
+        if not any(rec.ok and not rec.warmup for rec in r.records):
+            raise BaselineError(f"point {r.id}: no successful measured request; nothing to keep as a baseline")
+        groups.setdefault(baseline_path(root, hw, r.topology, r.workload), []).append(r)
+
+    written = []
+    for path, results in groups.items():
+        with _lock_for(path):
+            existing = load_baseline_file(path) if path.exists() else None
+            points = dict(existing.points) if existing else {}
+            for r in results:
+                points[r.point_id] = {
+                    "summary": _summary_of(r),
+                    "samples": point_samples(r, cap),
+                    "started_at": r.started_at,
+                    "sweep_kind": r.sweep_kind,
+                    "point_value": r.point_value,
+                    "gpus": r.gpus,
+                    "flags": list(r.flags),
+                    "environment": r.environment,
+                }
+            latest = results[-1]
+            atomic_write_json(path, {
+                "schema_version": BASELINE_SCHEMA_VERSION,
+                "hardware_id": hardware_id_of(latest.environment),
+                "environment": latest.environment,
+                "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "points": dict(sorted(points.items())),
+            })
+        written.append(path)
+    return written
+
+
+# --------------------------------------------------------------------------- gate
+
+
+def _limit_text(gate_direction: str, max_change: float, bad: bool) -> str:
+    """'+50%' for the bad side of lower-is-better, '-33%' for its mirror, and so on."""
+    up = (gate_direction == "lower-is-better") == bad
+    return f"+{max_change * 100:.0f}%" if up else f"-{(1 - 1 / (1 + max_change)) * 100:.0f}%"
+
+
+@dataclass
+class MetricVerdict:
+    """The gate's finding on one statistic of one metric."""
+
+    metric: str
+    statistic: str
+    direction: str
+    verdict: str
+    reason: str
+    baseline_value: float | None = None
+    current_value: float | None = None
+    ratio: float | None = None
+    ratio_ci: tuple[float, float] | None = None
+    p_value: float | None = None
+    threshold: float | None = None  # max_change
+    n_baseline: int = 0
+    n_current: int = 0
+    unit: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.statistic} {self.metric}"
+
+    def message(self) -> str:
+        """``p99 tpot_ms 14.1 -> 29.8 ms (x2.11, CI 1.9-2.3, p=1e-12) exceeds +50%: regressed``."""
+        head = f"{self.statistic} {self.metric}"
+        if self.ratio is None:
+            return f"{head}: {self.reason}: {self.verdict}"
+        unit = f" {self.unit}" if self.unit else ""
+        ci = f", CI {self.ratio_ci[0]:.3g}-{self.ratio_ci[1]:.3g}" if self.ratio_ci else ", CI n/a"
+        p = format_p_value(self.p_value)
+        return (f"{head} {format_value(self.baseline_value)} -> {format_value(self.current_value)}{unit} "
+                f"(x{self.ratio:.2f}{ci}, p{'' if p.startswith('<') else '='}{p}) {self.reason}: {self.verdict}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ratio_ci"] = list(self.ratio_ci) if self.ratio_ci else None
+        d["message"] = self.message()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MetricVerdict":
+        d = {k: v for k, v in d.items() if k != "message"}
+        if d.get("ratio_ci") is not None:
+            d["ratio_ci"] = tuple(d["ratio_ci"])
+        return cls(**d)
+
+
+@dataclass
+class GateResult:
+    """The baseline gate's finding on one point: an overall status and a verdict per gated metric."""
+
+    point: str
+    status: str
+    verdicts: list[MetricVerdict] = field(default_factory=list)
+    reason: str = ""
+    hardware_id: str | None = None
+    baseline_hardware_id: str | None = None
+    thresholds_source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def regressed(self) -> bool:
+        return self.status == "regressed"
+
+    def message(self) -> str:
+        """One line for a human: the regressed (or improved) metrics, or why nothing was compared."""
+        if self.status in ("regressed", "improved"):
+            parts = [v.message() for v in self.verdicts if v.verdict == self.status]
+            return f"{self.point}: " + "; ".join(parts)
+        if self.status == "unchanged":
+            n = sum(1 for v in self.verdicts if v.verdict == "unchanged")
+            return f"{self.point}: unchanged ({n} of {len(self.verdicts)} gated metrics within limits)"
+        return f"{self.point}: {self.status}: {self.reason}"
+
+    __str__ = message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"point": self.point, "status": self.status, "message": self.message(), "reason": self.reason,
+                "hardware_id": self.hardware_id, "baseline_hardware_id": self.baseline_hardware_id,
+                "thresholds_source": self.thresholds_source, "notes": list(self.notes),
+                "verdicts": [v.to_dict() for v in self.verdicts]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GateResult":
+        return cls(point=d["point"], status=d["status"], reason=d.get("reason", ""),
+                   hardware_id=d.get("hardware_id"), baseline_hardware_id=d.get("baseline_hardware_id"),
+                   thresholds_source=d.get("thresholds_source", ""), notes=list(d.get("notes", [])),
+                   verdicts=[MetricVerdict.from_dict(v) for v in d.get("verdicts", [])])
+
+
+def _env_differences(current: dict[str, Any], baseline: dict[str, Any], limit: int = 8) -> list[str]:
+    diffs = []
+    for key in sorted(set(current) | set(baseline)):
+        a, b = baseline.get(key), current.get(key)
+        if isinstance(a, (dict, list)) or isinstance(b, (dict, list)) or a == b:
+            continue
+        diffs.append(f"{key} {a} -> {b}")
+    if len(diffs) > limit:
+        diffs = diffs[:limit] + [f"... {len(diffs) - limit} more"]
+    return diffs
+
+
+def judge_metric(gate: Gate, current: np.ndarray, baseline: np.ndarray, *, alpha: float, ci_level: float,
+                 resamples: int, seed: int = 0) -> MetricVerdict:
+    """Apply one gate to two sample sets (the rule is in the module docstring)."""
+    unit = metrics.UNITS.get(gate.metric, "")
+    common = dict(metric=gate.metric, statistic=gate.statistic, direction=gate.direction, threshold=gate.max_change,
+                  n_baseline=int(len(baseline)), n_current=int(len(current)), unit=unit)
+    need = gate.min_samples or 2
+    if len(current) < need or len(baseline) < need:
+        return MetricVerdict(verdict="insufficient", reason=f"{len(current)} current / {len(baseline)} baseline "
+                             f"samples, needs {need} on each side", **common)
+    base_value = statistic_value(baseline, gate.statistic)
+    cur_value = statistic_value(current, gate.statistic)
+    if base_value <= 0:
+        return MetricVerdict(verdict="insufficient", baseline_value=base_value, current_value=cur_value,
+                             reason=f"baseline {gate.statistic} is {base_value:g}, so a relative change is undefined",
+                             **common)
+    ratio = cur_value / base_value
+    p = mann_whitney_u(current, baseline).p_value
+    ci = bootstrap_ratio_ci(current, baseline, gate.statistic, resamples=resamples, level=ci_level, seed=seed)
+    up_sig = p < alpha and ci is not None and ci[0] > 1
+    down_sig = p < alpha and ci is not None and ci[1] < 1
+    hi, lo = 1 + gate.max_change, 1 / (1 + gate.max_change)
+    lower_better = gate.direction == "lower-is-better"
+    bad_large = ratio > hi if lower_better else ratio < lo
+    good_large = ratio < lo if lower_better else ratio > hi
+    bad_sig = up_sig if lower_better else down_sig
+    good_sig = down_sig if lower_better else up_sig
+    bad_limit = _limit_text(gate.direction, gate.max_change, bad=True)
+    good_limit = _limit_text(gate.direction, gate.max_change, bad=False)
+    if bad_large and bad_sig:
+        verdict, reason = "regressed", f"exceeds {bad_limit}"
+    elif good_large and good_sig:
+        verdict, reason = "improved", f"beyond {good_limit}"
+    elif bad_large or good_large:
+        verdict = "unchanged"
+        reason = (f"beyond {bad_limit if bad_large else good_limit} but not significant "
+                  f"(needs p < {alpha:g} and a CI that excludes 1)")
+    else:
+        verdict = "unchanged"
+        reason = f"within {bad_limit}" + (" (significant but small)" if (up_sig or down_sig) else "")
+    return MetricVerdict(verdict=verdict, reason=reason, baseline_value=base_value, current_value=cur_value,
+                         ratio=ratio, ratio_ci=ci, p_value=p, **common)
+
+
+def _overall(verdicts: list[MetricVerdict]) -> str:
+    kinds = {v.verdict for v in verdicts}
+    if "regressed" in kinds:
+        return "regressed"
+    if "improved" in kinds:
+        return "improved"
+    if not verdicts or kinds == {"insufficient"}:
+        return "insufficient"
+    return "unchanged"
+
+
+def compare_samples(point: str, current: dict[str, np.ndarray], baseline: dict[str, Any],
+                    thresholds: ResolvedThresholds) -> list[MetricVerdict]:
+    """Verdicts of every gate in ``thresholds`` on per-metric sample sets."""
+    out = []
+    for gate in thresholds.gates:
+        if gate.metric not in baseline:
+            out.append(MetricVerdict(gate.metric, gate.statistic, gate.direction, "insufficient",
+                                     f"the baseline of {point} has no {gate.metric} samples; re-record it with "
+                                     "--update-baselines", threshold=gate.max_change))
+            continue
+        cur = even_subsample(np.asarray(current.get(gate.metric, []), dtype=float))
+        base = np.asarray(baseline[gate.metric], dtype=float)
+        out.append(judge_metric(gate, cur, base, alpha=thresholds.alpha, ci_level=thresholds.ci_level,
+                                resamples=thresholds.bootstrap_resamples))
+    return out
+
+
+def compare_point(current: PointResult, baseline_entry: dict[str, Any] | None, baseline_env: dict[str, Any],
+                  thresholds: Thresholds | ResolvedThresholds, *, allow_cross_hardware: bool = False) -> GateResult:
+    """Gate one point against its baseline entry (a ``points[point_id]`` value of a baseline file).
+
+    Status "incomparable" when the hardware_id differs (unless ``allow_cross_hardware``, for
+    ad-hoc comparisons), "missing" when there is no entry; otherwise the worst verdict.
+    """
+    hw = hardware_id_of(current.environment)
+    base_hw = hardware_id_of(baseline_env)
+    resolved = thresholds.resolve(hw) if isinstance(thresholds, Thresholds) else thresholds
+    result = GateResult(point=current.id, status="unchanged", hardware_id=hw, baseline_hardware_id=base_hw,
+                        thresholds_source=resolved.source)
+    if baseline_entry is None:
+        result.status = "missing"
+        result.reason = (f"no baseline for {current.id} on hardware '{hw}'; record one with --update-baselines")
+        return result
+    if hw is None or base_hw is None or hw != base_hw:
+        reason = (f"hardware differs: current '{hw or 'unknown'}', baseline '{base_hw or 'unknown'}'; baselines "
+                  "compare only within one hardware_id")
+        if not allow_cross_hardware:
+            result.status = "incomparable"
+            result.reason = reason + " (record a baseline on this hardware with --update-baselines)"
+            return result
+        result.notes.append(reason)
+    result.notes.extend(f"environment differs: {d}" for d in _env_differences(current.environment, baseline_env))
+    if current.flags:
+        result.notes.append(f"current point flagged: {', '.join(current.flags)}")
+    if baseline_entry.get("flags"):
+        result.notes.append(f"baseline point was flagged: {', '.join(baseline_entry['flags'])}")
+    samples = {m: metrics.samples(current.records, m) for m in {g.metric for g in resolved.gates}}
+    result.verdicts = compare_samples(current.id, samples, baseline_entry.get("samples", {}), resolved)
+    result.status = _overall(result.verdicts)
+    if result.status == "insufficient":
+        result.reason = "; ".join(v.message() for v in result.verdicts[:2])
+    return result
+
+
+def gate_point(root: Path, current: PointResult, thresholds: Thresholds) -> GateResult:
+    """Load the baseline of ``current``'s hardware, topology and workload and gate the point against it."""
+    hw = hardware_id_of(current.environment)
+    if hw is None:
+        return GateResult(point=current.id, status="incomparable",
+                          reason="the point's environment has no 'hardware_id', so no baseline can match it")
+    baseline = load_baseline(root, hw, current.topology, current.workload)
+    if baseline is None:
+        return compare_point(current, None, {"hardware_id": hw}, thresholds)
+    return compare_point(current, baseline.entry(current.point_id), baseline.environment_of(current.point_id),
+                         thresholds)

@@ -1,0 +1,599 @@
+"""The HTML summary of a run: what a perf engineer reads, shares and links from a CI job.
+
+One self-contained file (inline CSS, inline SVG, no JavaScript, nothing fetched), so it
+opens offline from its folder and survives being attached to a ticket. It leads with
+what needs attention (failed tests, regressions, flagged points such as replica restarts,
+failed requests, p99s computed from too few requests, identical points under two names),
+then the run's environment, the verdicts with the reason for every skip, the numbers per
+topology, the plots, and PD against collocated at equal GPU count. The same content,
+without the ``<html>`` wrapper, is :func:`summary_fragment` for the pytest-html report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from html import escape
+from typing import Any, Iterable, Sequence
+
+from pdperf import __version__
+from pdperf.report.plots import (LegendItem, RatioRow, Series, line_chart, no_data, palette_color, ratio_chart,
+                                 stacked_bar_chart, trim_ratio_rows)
+from pdperf.report.rundata import RunData, latency, point_summary, throughput, topology_kind
+from pdperf.results import PointResult
+from pdperf.stats import format_value
+
+#: Fewer successful requests than this and a p99 is little more than the maximum (FINDINGS: ~1000 for stability).
+LOW_P99_SAMPLES = 100
+TABLE_METRICS = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2e_ms", "E2E"))
+TABLE_STATS = ("p50", "p90", "p99")
+TELEMETRY_SEGMENTS = ("queue_time_s", "prefill_time_s", "kv_transfer_time_s", "decode_time_s")
+TELEMETRY_LABELS = {"queue_time_s": "queue", "prefill_time_s": "prefill", "kv_transfer_time_s": "KV transfer",
+                    "decode_time_s": "decode"}
+OUTCOME_ORDER = {"failed": 0, "error": 0, "skipped": 1, "passed": 2}
+#: PD "wins" a ratio below 1 - EVEN_BAND and "loses" above 1 + EVEN_BAND when no interval is at hand.
+EVEN_BAND = 0.05
+
+CSS = """
+.pdperf-report { font-family: system-ui, -apple-system, 'Segoe UI', Roboto, 'DejaVu Sans', Arial, sans-serif;
+  font-size: 14px; color: #1a1a1a; line-height: 1.4; }
+.pdperf-report h1 { font-size: 22px; margin: 8px 0 4px; }
+.pdperf-report h2 { font-size: 18px; margin: 28px 0 8px; border-bottom: 2px solid #ddd; padding-bottom: 4px; }
+.pdperf-report h3 { font-size: 15px; margin: 18px 0 6px; }
+.pdperf-report table { border-collapse: collapse; margin: 6px 0 12px; font-size: 12.5px; }
+.pdperf-report th, .pdperf-report td { border: 1px solid #d6d6d6; padding: 3px 7px; text-align: left;
+  vertical-align: top; }
+.pdperf-report th { background: #f3f5f7; font-weight: 600; }
+.pdperf-report td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.pdperf-report td.lowconf { color: #8a6d00; font-style: italic; }
+.pdperf-report tr.flagged td { background: #fff1f0; }
+.pdperf-report .flag { color: #fff; background: #c62828; border-radius: 3px; padding: 1px 5px; font-weight: 700;
+  font-size: 11.5px; }
+.pdperf-report .err { color: #c62828; font-weight: 600; }
+.pdperf-report .banner { padding: 10px 14px; border-radius: 6px; margin: 10px 0; font-size: 15px; }
+.pdperf-report .banner.bad { background: #fdecea; border: 2px solid #c62828; }
+.pdperf-report .banner.good { background: #e8f5e9; border: 2px solid #2e7d32; }
+.pdperf-report .attention { background: #fff8e1; border: 2px solid #f9a825; border-radius: 6px;
+  padding: 8px 14px; margin: 10px 0; }
+.pdperf-report .attention li.loud { color: #b71c1c; font-weight: 700; }
+.pdperf-report .badge { display: inline-block; border-radius: 3px; padding: 0 6px; color: #fff;
+  font-size: 12px; font-weight: 700; }
+.pdperf-report .b-passed, .pdperf-report .b-improved, .pdperf-report .b-unchanged { background: #2e7d32; }
+.pdperf-report .b-failed, .pdperf-report .b-error, .pdperf-report .b-regressed { background: #c62828; }
+.pdperf-report .b-skipped, .pdperf-report .b-insufficient, .pdperf-report .b-missing,
+.pdperf-report .b-incomparable { background: #757575; }
+.pdperf-report .win { background: #e8f5e9; color: #1b5e20; font-weight: 600; }
+.pdperf-report .lose { background: #fdecea; color: #b71c1c; font-weight: 600; }
+.pdperf-report .even { color: #555; }
+.pdperf-report .note, .pdperf-report .pdperf-nodata { color: #555; font-size: 13px; margin: 4px 0 10px; }
+.pdperf-report .pdperf-nodata { border: 1px dashed #bbb; padding: 8px 10px; border-radius: 4px;
+  background: #fafafa; }
+.pdperf-report .charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(580px, 1fr));
+  gap: 14px; }
+.pdperf-report svg.pdperf-chart { width: 100%; height: auto; max-width: 760px; border: 1px solid #e5e5e5;
+  border-radius: 4px; }
+.pdperf-report code { background: #f3f3f3; padding: 0 3px; border-radius: 3px; font-size: 12.5px; }
+.pdperf-report details summary { cursor: pointer; color: #1f4e79; }
+.pdperf-report .scroll { overflow-x: auto; max-width: 100%; }
+.pdperf-report td.id { white-space: nowrap; }
+.pdperf-report td.flags { min-width: 150px; max-width: 210px; }
+.pdperf-report table.results { width: 100%; }
+.pdperf-report table.verdicts code { overflow-wrap: anywhere; }
+.pdperf-report .kv td:first-child { font-family: ui-monospace, 'DejaVu Sans Mono', monospace; color: #333; }
+"""
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _num(v: float | None, *, cls: str = "", title: str = "") -> str:
+    t = f' title="{escape(title)}"' if title else ""
+    return f'<td class="num {cls}"{t}>{escape(format_value(v))}</td>'
+
+
+def _flag(name: str) -> str:
+    """A loud badge; long snake_case names may break after their underscores."""
+    return f'<span class="flag">{escape(name).replace("_", "_<wbr>")}</span>'
+
+
+def _plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+def _badge(word: str) -> str:
+    return f'<span class="badge b-{escape(word)}">{escape(word)}</span>'
+
+
+def _flatten(d: Any, prefix: str = "") -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    if isinstance(d, dict):
+        for k, v in d.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, dict) and v:
+                out.extend(_flatten(v, key))
+            else:
+                out.append((key, _scalar_text(v)))
+    else:
+        out.append((prefix or "value", _scalar_text(d)))
+    return out
+
+
+def _scalar_text(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_scalar_text(x) for x in v) if v else "(none)"
+    if isinstance(v, dict):
+        return "(none)"
+    if v is None:
+        return "(unset)"
+    return str(v)
+
+
+def _x_label(sweep_kind: str) -> str:
+    return {"concurrency": "concurrency (in-flight requests)", "rate": "request rate (req/s)"}.get(
+        sweep_kind, f"{sweep_kind} point")
+
+
+def _topology_colors(points: Sequence[PointResult]) -> dict[str, str]:
+    return {t: palette_color(i) for i, t in enumerate(sorted({p.topology for p in points}))}
+
+
+def _records_digest(p: PointResult) -> str:
+    h = hashlib.sha1()
+    for r in p.records:
+        h.update(repr((r.scheduled_s, r.first_token_s, r.end_s, r.output_tokens, r.error)).encode())
+    return h.hexdigest()
+
+
+def _telemetry_mean(tel: dict[str, Any], key: str) -> float | None:
+    """A telemetry mean in seconds: ``tel[key]`` as a number, ``tel[key]["mean"]``, or ``tel[key + "_mean"]``."""
+    v = tel.get(key)
+    if isinstance(v, dict):
+        v = v.get("mean")
+    if v is None:
+        v = tel.get(f"{key}_mean")
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _header(run: RunData, summaries: dict[str, dict]) -> str:
+    r = run.run
+    verdicts = run.verdicts or []
+    outcomes: dict[str, int] = defaultdict(int)
+    for v in verdicts:
+        outcomes[str(v.get("outcome", "unknown"))] += 1
+    gates = [v.get("gate") for v in verdicts if isinstance(v.get("gate"), dict)]
+    regressed = sum(1 for g in gates if g.get("status") == "regressed")
+    flagged = sum(1 for p in run.points if p.flags)
+    failed_req = sum(int(summaries[p.id].get("requests_failed") or 0) for p in run.points)
+    topologies = sorted({p.topology for p in run.points})
+    workloads = sorted({p.workload for p in run.points})
+    parts = [_plural(len(run.points), "point"), _plural(len(topologies), "topology", "topologies"),
+             _plural(len(workloads), "workload")]
+    if verdicts:
+        parts.append("tests: " + ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items(),
+                                                                           key=lambda kv: OUTCOME_ORDER.get(kv[0], 9))))
+    if gates:
+        parts.append(f"baseline gate: {regressed} regressed of {len(gates)} gated")
+    if flagged:
+        parts.append(f"{flagged} flagged point{'s' if flagged != 1 else ''}")
+    if failed_req:
+        parts.append(f"{failed_req} failed requests")
+    bad = bool(outcomes.get("failed") or outcomes.get("error") or regressed or flagged or failed_req
+               or run.problems or not run.points)
+    verdict = "needs attention" if bad else "all clear"
+    meta = [("run id", run.run_id), ("started", r.get("started_at")), ("finished", r.get("finished_at")),
+            ("command", r.get("command")), ("git sha", r.get("git_sha") or run.environment.get("git_sha"))]
+    rows = "".join(f"<tr><th>{escape(k)}</th><td><code>{escape(str(v))}</code></td></tr>"
+                   for k, v in meta if v)
+    return (f'<h1>pdperf run {escape(run.run_id)}</h1>'
+            f'<div class="banner {"bad" if bad else "good"}"><strong>{verdict}</strong>: '
+            f'{escape(" · ".join(parts))}</div><table class="kv">{rows}</table>')
+
+
+def _attention(run: RunData, summaries: dict[str, dict]) -> str:
+    items: list[tuple[bool, str]] = []  # (loud, html)
+    for msg in run.problems:
+        items.append((True, escape(msg)))
+    for p in run.points:
+        if p.flags:
+            items.append((True, f"<code>{escape(p.id)}</code>: " + " ".join(_flag(f) for f in p.flags)
+                + " — this point's numbers are suspect; re-run it"))
+    for p in run.points:
+        s = summaries[p.id]
+        failed = int(s.get("requests_failed") or 0)
+        if failed:
+            kinds = ", ".join(f"{k}: {n}" for k, n in sorted((s.get("errors") or {}).items()))
+            items.append((True, f"<code>{escape(p.id)}</code>: {failed} of {s.get('requests')} requests failed "
+                                f"({escape(kinds)})"))
+    low = [p.id for p in run.points if 0 < int(summaries[p.id].get("requests_ok") or 0) < LOW_P99_SAMPLES]
+    if low:
+        items.append((False, f"{len(low)} point{'s' if len(low) > 1 else ''} with fewer than {LOW_P99_SAMPLES} "
+                             f"successful requests: their p99 is close to the maximum (shown in italics); "
+                             f"about 1000 requests per point make a stable p99 "
+                             f"<span title=\"{escape(', '.join(low))}\">(hover for the list)</span>"))
+    empty = [p.id for p in run.points if not int(summaries[p.id].get("requests_ok") or 0)]
+    for pid in empty:
+        items.append((True, f"<code>{escape(pid)}</code>: no successful request; it has no latency numbers"))
+    seen: dict[str, str] = {}
+    for p in run.points:
+        if not p.records:
+            continue
+        digest = _records_digest(p)
+        if digest in seen:
+            items.append((True, f"<code>{escape(seen[digest])}</code> and <code>{escape(p.id)}</code> have "
+                                "identical per-request timings: one result was probably copied over the other"))
+        else:
+            seen[digest] = p.id
+    for p in run.points:
+        resets = p.telemetry.get("counter_resets") if isinstance(p.telemetry, dict) else None
+        if resets:
+            items.append((True, f"<code>{escape(p.id)}</code>: engine counters went down during the point "
+                                f"(an engine restarted?): {escape(', '.join(map(str, resets)))}"))
+        scrape_errors = p.telemetry.get("scrape_errors") if isinstance(p.telemetry, dict) else None
+        if scrape_errors:
+            items.append((False, f"<code>{escape(p.id)}</code>: telemetry scrape failed for "
+                                 f"{escape(', '.join(map(str, scrape_errors)))}; server-side numbers are partial"))
+    run_hw = run.environment.get("hardware_id")
+    other_hw = sorted({str(p.environment.get("hardware_id")) for p in run.points
+                       if run_hw and p.environment.get("hardware_id") not in (None, run_hw)})
+    if other_hw:
+        items.append((True, f"points ran on other hardware than the run ({escape(str(run_hw))}): "
+                            f"{escape(', '.join(other_hw))}"))
+    if not run.points:
+        items.append((True, f"no point results under {escape(str(run.run_dir / 'points'))}"))
+    if not items:
+        return ""
+    lis = "".join(f'<li class="{"loud" if loud else ""}">{text}</li>' for loud, text in items)
+    return f'<div class="attention"><strong>Needs attention</strong><ul>{lis}</ul></div>'
+
+
+def _environment(run: RunData) -> str:
+    env = run.environment
+    source = "run.json" if run.run.get("environment") else "the first point (run.json has no environment)"
+    if not env:
+        return "<h2>Environment</h2>" + no_data("Environment", "neither run.json nor the points carry one")
+    rows = "".join(f"<tr><td>{escape(k)}</td><td>{escape(v)}</td></tr>" for k, v in _flatten(env))
+    return (f'<h2>Environment</h2><p class="note">From {escape(source)}. Baselines compare only within one '
+            f'<code>hardware_id</code>.</p><table class="kv"><tr><th>key</th><th>value</th></tr>{rows}</table>')
+
+
+def _slo_text(item: Any) -> str:
+    if isinstance(item, dict):
+        name = item.get("slo") or item.get("metric", "?")
+        observed = item.get("observed")
+        passed = item.get("passed")
+        mark = "✓" if passed else "✗"
+        cls = "" if passed else ' class="err"'
+        return f"<span{cls}>{mark} {escape(str(name))} (observed {escape(format_value(observed))})</span>"
+    return escape(str(item))
+
+
+def _gate_html(gate: dict[str, Any]) -> str:
+    status = str(gate.get("status", "?"))
+    msg = gate.get("message") or gate.get("reason") or ""
+    rows = "".join(f"<tr><td>{_badge(str(v.get('verdict')))}</td><td>{escape(str(v.get('message', '')))}</td></tr>"
+                   for v in gate.get("verdicts", []))
+    notes = "".join(f"<li>{escape(str(n))}</li>" for n in gate.get("notes", []))
+    details = ""
+    if rows or notes:
+        details = (f"<details><summary>{len(gate.get('verdicts', []))} gated metrics"
+                   f"{', notes' if notes else ''}</summary><table>{rows}</table>"
+                   f"{'<ul>' + notes + '</ul>' if notes else ''}</details>")
+    return f"{_badge(status)} {escape(str(msg))}{details}"
+
+
+def _verdicts(run: RunData) -> str:
+    head = "<h2>Verdicts: SLO and baseline gates</h2>"
+    if run.verdicts is None:
+        return head + no_data("Verdicts", "verdicts.json is absent: this run recorded no test outcomes")
+    if not run.verdicts:
+        return head + no_data("Verdicts", "verdicts.json lists no tests")
+    rows, passed = [], []
+    for v in sorted(run.verdicts, key=lambda v: OUTCOME_ORDER.get(str(v.get("outcome")), 9)):
+        outcome = str(v.get("outcome", "?"))
+        reason = str(v.get("reason") or "")
+        if outcome == "skipped" and not reason:
+            reason_html = '<span class="err">skipped without a reason: the test must say why</span>'
+        else:
+            reason_html = escape(reason)
+        slos = "<br>".join(_slo_text(s) for s in (v.get("slo") or [])) or '<span class="note">none</span>'
+        gate = v.get("gate")
+        gate_html = _gate_html(gate) if isinstance(gate, dict) else '<span class="note">not gated</span>'
+        row = (f"<tr><td>{_badge(outcome)}</td><td><code>{escape(str(v.get('test_id', '?')))}</code></td>"
+               f"<td>{reason_html}</td><td>{slos}</td><td>{gate_html}</td></tr>")
+        (passed if outcome == "passed" else rows).append(row)
+    header = ("<tr><th>outcome</th><th>test</th><th>reason</th><th>SLOs</th><th>baseline gate</th></tr>")
+    out = head
+    if rows:
+        out += f'<div class="scroll"><table class="verdicts">{header}{"".join(rows)}</table></div>'
+    else:
+        out += '<p>No test failed or was skipped.</p>'
+    if passed:
+        out += (f'<details><summary>{_plural(len(passed), "passed test")}</summary><div class="scroll">'
+                f'<table class="verdicts">{header}{"".join(passed)}</table></div></details>')
+    return out
+
+
+def _topology_tables(run: RunData, summaries: dict[str, dict]) -> str:
+    out = ['<h2>Results per topology</h2><p class="note">Latencies in ms from the scheduled send time; '
+           'throughput over the point\'s duration; goodput counts requests that met every SLO. '
+           f'<i>Italic</i> p99: fewer than {LOW_P99_SAMPLES} requests.</p>']
+    by_topo: dict[str, list[PointResult]] = defaultdict(list)
+    for p in run.points:
+        by_topo[p.topology].append(p)
+    if not by_topo:
+        return out[0] + no_data("Results", "no points")
+    for topo, pts in by_topo.items():
+        kind = topology_kind(pts[0])
+        gpus = sorted({p.gpus for p in pts})
+        gpu_text = ", ".join(str(g) for g in gpus) + " GPU" + ("s" if gpus != [1] else "")
+        if gpus == [0]:
+            gpu_text = "CPU (0 GPUs)"
+        hdr1 = ["<th rowspan=2>workload</th><th rowspan=2>point</th><th rowspan=2>ok / sent</th>"]
+        hdr1 += [f"<th colspan=3>{label} ms</th>" for _, label in TABLE_METRICS]
+        hdr1 += ["<th rowspan=2>req/s</th><th rowspan=2>out tok/s</th><th rowspan=2>out tok/s per GPU</th>"
+                 "<th rowspan=2>goodput req/s</th><th rowspan=2>errors</th><th rowspan=2>flags</th>"]
+        hdr2 = "".join(f"<th>{s}</th>" for _ in TABLE_METRICS for s in TABLE_STATS)
+        rows = []
+        for p in pts:
+            s = summaries[p.id]
+            ok = int(s.get("requests_ok") or 0)
+            cells = [f'<td class="id">{escape(p.workload)}</td><td class="id">{escape(p.point_id)}</td>'
+                     f"<td class=\"num\">{ok} / {s.get('requests', len(p.records))}</td>"]
+            for m, _ in TABLE_METRICS:
+                for st in TABLE_STATS:
+                    low = st == "p99" and 0 < ok < LOW_P99_SAMPLES
+                    cells.append(_num(latency(s, m, st), cls="lowconf" if low else "",
+                                      title=f"p99 from {ok} requests" if low else ""))
+            per_gpu = throughput(s, "output_tok_per_s_per_gpu")
+            cells += [_num(throughput(s, "req_per_s")), _num(throughput(s, "output_tok_per_s")),
+                      _num(per_gpu) if (per_gpu is not None or p.gpus) else '<td class="num note">n/a (CPU)</td>',
+                      _num(throughput(s, "goodput_req_per_s"))]
+            errors = s.get("errors") or {}
+            cells.append("<td class=\"err\">" + escape(", ".join(f"{k}: {n}" for k, n in sorted(errors.items())))
+                         + "</td>" if errors else "<td></td>")
+            cells.append('<td class="flags">' + " ".join(_flag(f) for f in p.flags) + "</td>")
+            rows.append(f'<tr class="{"flagged" if p.flags else ""}">{"".join(cells)}</tr>')
+        out.append(f"<h3>{escape(topo)} <span class=\"note\">{'PD' if kind == 'pd' else 'collocated'}, "
+                   f"{escape(gpu_text)}</span></h3><div class=\"scroll\"><table class=\"results\">"
+                   f"<tr>{''.join(hdr1)}</tr>"
+                   f"<tr>{hdr2}</tr>{''.join(rows)}</table></div>")
+    return "".join(out)
+
+
+def _groups(points: Iterable[PointResult]) -> dict[tuple[str, str], list[PointResult]]:
+    groups: dict[tuple[str, str], list[PointResult]] = defaultdict(list)
+    for p in points:
+        groups[(p.workload, p.sweep_kind)].append(p)
+    return groups
+
+
+def _latency_chart(pts: list[PointResult], summaries: dict[str, dict], colors: dict[str, str], metric: str,
+                   label: str, workload: str, sweep_kind: str) -> str:
+    series = []
+    by_topo: dict[str, list[PointResult]] = defaultdict(list)
+    for p in pts:
+        by_topo[p.topology].append(p)
+    for topo, tp in sorted(by_topo.items()):
+        tp = sorted(tp, key=lambda p: p.point_value)
+        xs = [p.point_value for p in tp]
+        for stat, dashed in (("p50", False), ("p99", True)):
+            series.append(Series(f"{topo} {stat}", xs, [latency(summaries[p.id], metric, stat) for p in tp],
+                                 color=colors[topo], dashed=dashed, point_labels=[p.point_id for p in tp]))
+    legend = [LegendItem(t, colors[t]) for t in sorted(by_topo)]
+    legend += [LegendItem("median (p50)", "#555"), LegendItem("p99", "#555", dashed=True)]
+    return line_chart(series, title=f"{label}: median and p99 vs load — {workload}", x_label=_x_label(sweep_kind),
+                      y_label=f"{label} (ms)", legend=legend, x_ticks_at_data=True)
+
+
+def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not beaten on both lower x (latency) and higher y (throughput), by increasing x."""
+    front: list[tuple[float, float]] = []
+    best_y = float("-inf")
+    for x, y in sorted(points, key=lambda xy: (xy[0], -xy[1])):
+        if y > best_y:
+            front.append((x, y))
+            best_y = y
+    return front
+
+
+def _pareto_chart(pts: list[PointResult], summaries: dict[str, dict], colors: dict[str, str], workload: str) -> str:
+    per_gpu = all(p.gpus > 0 for p in pts)
+    key = "output_tok_per_s_per_gpu" if per_gpu else "output_tok_per_s"
+    y_label = "output tokens/s per GPU" if per_gpu else "output tokens/s (total: CPU points have no GPUs)"
+    title = f"Throughput{' per GPU' if per_gpu else ''} vs median TPOT — {workload}"
+    by_topo: dict[str, list[PointResult]] = defaultdict(list)
+    for p in pts:
+        by_topo[p.topology].append(p)
+    series, xy = [], []
+    for topo, tp in sorted(by_topo.items()):
+        tp = sorted(tp, key=lambda p: p.point_value)
+        xs = [latency(summaries[p.id], "tpot_ms", "p50") for p in tp]
+        ys = [throughput(summaries[p.id], key) for p in tp]
+        keep = [(x, y, p.point_id) for x, y, p in zip(xs, ys, tp) if x is not None and y is not None]
+        if not keep:
+            continue
+        xy += [(x, y) for x, y, _ in keep]
+        series.append(Series(topo, [k[0] for k in keep], [k[1] for k in keep], color=colors[topo],
+                             point_labels=[k[2] for k in keep], annotate=True))
+    if not series:
+        return no_data(title, "no point has both a TPOT and a throughput")
+    front = _pareto_front(xy)
+    frontier = Series("Pareto frontier", [x for x, _ in front], [y for _, y in front], color="#d0d0d0", width=9,
+                      markers=False)
+    legend = [LegendItem(s.label, s.color) for s in series] + [LegendItem("Pareto frontier", "#bdbdbd")]
+    return line_chart([frontier, *series], title=title, x_label="median TPOT (ms), lower is better",
+                      y_label=y_label, legend=legend)
+
+
+def _attribution_chart(pts: list[PointResult], workload: str) -> str:
+    title = f"Server-side latency attribution (means) — {workload}"
+    rows = []
+    for p in pts:
+        vals = {k: _telemetry_mean(p.telemetry, k) for k in TELEMETRY_SEGMENTS}
+        if any(v is not None for v in vals.values()):
+            rows.append((f"{p.topology} {p.point_id}", {k: (v or 0.0) * 1000.0 for k, v in vals.items()}))
+    if not rows:
+        return no_data(title, "the points carry no telemetry means of " + ", ".join(TELEMETRY_SEGMENTS))
+    return stacked_bar_chart(rows, TELEMETRY_SEGMENTS, title=title, x_label="mean time per request (ms)",
+                             segment_labels=TELEMETRY_LABELS)
+
+
+def _plots(run: RunData, summaries: dict[str, dict]) -> str:
+    out = ["<h2>Plots</h2>"]
+    if not run.points:
+        return out[0] + no_data("Plots", "no points")
+    colors = _topology_colors(run.points)
+    for (workload, sweep_kind), pts in sorted(_groups(run.points).items()):
+        charts = [
+            _latency_chart(pts, summaries, colors, "ttft_ms", "TTFT", workload, sweep_kind),
+            _latency_chart(pts, summaries, colors, "tpot_ms", "TPOT", workload, sweep_kind),
+            _pareto_chart(pts, summaries, colors, workload),
+            _attribution_chart(pts, workload),
+        ]
+        out.append(f"<h3>{escape(workload)} <span class=\"note\">{escape(sweep_kind)} sweep</span></h3>"
+                   f"<div class=\"charts\">{''.join(charts)}</div>")
+    return "".join(out)
+
+
+def _compare_cell(pd_v: float | None, co_v: float | None, pd_ci: Any = None, co_ci: Any = None, *,
+                  higher_better: bool = False) -> tuple[str, str]:
+    """(html cell, outcome) where outcome is win | lose | even | n/a, from PD's point of view."""
+    if pd_v is None or co_v is None or co_v == 0:
+        return '<td class="num note">n/a</td>', "n/a"
+    ratio = pd_v / co_v
+    decisive = None
+    if pd_ci and co_ci:
+        decisive = pd_ci[1] < co_ci[0] or co_ci[1] < pd_ci[0]  # p99 intervals do not overlap
+    better = ratio > 1 if higher_better else ratio < 1
+    if decisive is None:
+        decisive = abs(ratio - 1) > EVEN_BAND
+    outcome = "even" if not decisive else ("win" if better else "lose")
+    title = (f"PD {format_value(pd_v)} vs collocated {format_value(co_v)}"
+             + ("" if decisive else ": within noise"))
+    return (f'<td class="num {outcome}" title="{escape(title)}">{escape(format_value(pd_v))} / '
+            f'{escape(format_value(co_v))} (x{ratio:.2f})</td>', outcome)
+
+
+_PAIR_METRICS = (("p99 TPOT", "tpot_ms", "p99"), ("p99 ITL", "itl_ms", "p99"), ("median TTFT", "ttft_ms", "p50"),
+                 ("p99 TTFT", "ttft_ms", "p99"))
+
+
+def _tally(outcome: str, name: str, pid: str, wins: dict[str, list[str]], losses: dict[str, list[str]]) -> None:
+    if outcome == "win":
+        wins[name].append(pid)
+    elif outcome == "lose":
+        losses[name].append(pid)
+
+
+def _pd_vs_collocated(run: RunData, summaries: dict[str, dict]) -> str:
+    head = ("<h2>PD vs collocated at equal GPU count</h2><p class=\"note\">Each cell: PD / collocated (ratio). "
+            "Green: PD better, red: PD worse, grey: within noise (p99 intervals overlap, or within "
+            f"±{EVEN_BAND * 100:.0f}% where there is no interval). Pairs need the same workload and GPU count; "
+            "PD usually wins on decode (TPOT, ITL tails) and pays on TTFT (the KV transfer).</p>")
+    by_key: dict[tuple[str, int, str], dict[str, dict[str, PointResult]]] = defaultdict(lambda: defaultdict(dict))
+    for p in run.points:
+        by_key[(p.workload, p.gpus, topology_kind(p))][p.topology][p.point_id] = p
+    blocks = []
+    pd_keys = [k for k in by_key if k[2] == "pd"]
+    for workload, gpus, _ in sorted(pd_keys):
+        collocated = by_key.get((workload, gpus, "collocated"), {})
+        for pd_topo, pd_pts in sorted(by_key[(workload, gpus, "pd")].items()):
+            for co_topo, co_pts in sorted(collocated.items()):
+                common = sorted(set(pd_pts) & set(co_pts), key=lambda pid: pd_pts[pid].point_value)
+                if not common:
+                    continue
+                rows, wins, losses = [], defaultdict(list), defaultdict(list)
+                for pid in common:
+                    ps, cs = summaries[pd_pts[pid].id], summaries[co_pts[pid].id]
+                    cells = [f"<td>{escape(pid)}</td>"]
+                    for name, m, st in _PAIR_METRICS:
+                        pd_ci = ps.get("metrics", {}).get(m, {}).get("p99_ci") if st == "p99" else None
+                        co_ci = cs.get("metrics", {}).get(m, {}).get("p99_ci") if st == "p99" else None
+                        cell, outcome = _compare_cell(latency(ps, m, st), latency(cs, m, st), pd_ci, co_ci)
+                        cells.append(cell)
+                        _tally(outcome, name, pid, wins, losses)
+                    tkey = "output_tok_per_s_per_gpu" if gpus else "output_tok_per_s"
+                    cell, outcome = _compare_cell(throughput(ps, tkey), throughput(cs, tkey), higher_better=True)
+                    cells.append(cell)
+                    _tally(outcome, "throughput", pid, wins, losses)
+                    rows.append("<tr>" + "".join(cells) + "</tr>")
+                win_text = "; ".join(f"{k} at {', '.join(v)}" for k, v in wins.items()) or "nothing"
+                lose_text = "; ".join(f"{k} at {', '.join(v)}" for k, v in losses.items()) or "nothing"
+                gpu_text = f"{gpus} GPUs" if gpus else "CPU, 0 GPUs"
+                tput = "out tok/s per GPU" if gpus else "out tok/s"
+                blocks.append(
+                    f"<h3>{escape(pd_topo)} vs {escape(co_topo)} <span class=\"note\">{escape(workload)}, "
+                    f"{gpu_text}</span></h3><p><span class=\"win\">PD wins</span> on {escape(win_text)}. "
+                    f"<span class=\"lose\">PD loses</span> on {escape(lose_text)}.</p>"
+                    f"<table><tr><th>point</th><th>p99 TPOT ms</th><th>p99 ITL ms</th><th>median TTFT ms</th>"
+                    f"<th>p99 TTFT ms</th><th>{tput}</th></tr>{''.join(rows)}</table>")
+    if not blocks:
+        pd_t = sorted({f"{p.topology} ({p.gpus} GPUs)" for p in run.points if topology_kind(p) == "pd"})
+        co_t = sorted({f"{p.topology} ({p.gpus} GPUs)" for p in run.points if topology_kind(p) == "collocated"})
+        return head + no_data("PD vs collocated", "no PD and collocated topology share a workload, a GPU count "
+                              f"and a load point (PD: {', '.join(pd_t) or 'none'}; collocated: "
+                              f"{', '.join(co_t) or 'none'})")
+    return head + "".join(blocks)
+
+
+def _baseline_section(run: RunData) -> str:
+    gates = [v["gate"] for v in (run.verdicts or []) if isinstance(v.get("gate"), dict)]
+    if not gates:
+        return ""
+    rows = []
+    for g in gates:
+        for v in g.get("verdicts", []):
+            ratio, ci, t = v.get("ratio"), v.get("ratio_ci"), v.get("threshold")
+            if ratio is None or not t:
+                continue
+            hi, lo = 1 + t, 1 / (1 + t)
+            bad, good = (hi, lo) if v.get("direction", "lower-is-better") == "lower-is-better" else (lo, hi)
+            rows.append(RatioRow(f"{g.get('point')} {v.get('statistic')} {v.get('metric')}", ratio,
+                                 ci[0] if ci else None, ci[1] if ci else None, bad, good, str(v.get("verdict")),
+                                 tooltip=str(v.get("message", ""))))
+    statuses: dict[str, int] = defaultdict(int)
+    for g in gates:
+        statuses[str(g.get("status"))] += 1
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(statuses.items()))
+    shown, hidden = trim_ratio_rows(rows)
+    chart = ratio_chart(shown, title="Baseline gate: current / baseline with interval") if rows else no_data(
+        "Baseline gate", "no gated metric had a ratio (baselines missing or incomparable)")
+    if hidden:
+        chart += f'<p class="note">{hidden} smaller unchanged ratios not drawn; the verdicts table lists all.</p>'
+
+    return (f"<h2>Baseline gate</h2><p class=\"note\">{escape(summary)}. Regressed = significant "
+            "(Mann-Whitney p &lt; alpha and interval excluding 1) and beyond the metric's limit "
+            "(baselines/thresholds.yaml); see docs/METHODOLOGY.md.</p>" + chart)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def render_fragment(run: RunData) -> str:
+    """The report body (no ``<html>`` wrapper), scoped under ``div.pdperf-report`` with its own CSS."""
+    summaries = {p.id: point_summary(p) for p in run.points}
+    sections = [
+        _header(run, summaries),
+        _attention(run, summaries),
+        _verdicts(run),
+        _topology_tables(run, summaries),
+        _plots(run, summaries),
+        _pd_vs_collocated(run, summaries),
+        _baseline_section(run),
+        _environment(run),
+        f'<p class="note">Written by pdperf {escape(__version__)}. Per-point numbers: <code>results.csv</code>; '
+        f'raw requests: <code>points/*.json</code>. Metric definitions: docs/METHODOLOGY.md.</p>',
+    ]
+    return f'<div class="pdperf-report"><style>{CSS}</style>{"".join(sections)}</div>'
+
+
+def render_document(run: RunData) -> str:
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>pdperf run {escape(run.run_id)}</title>"
+            "<style>body { margin: 0 auto; max-width: 1260px; padding: 8px 12px 40px; background: #fff; }</style>"
+            f"</head><body>{render_fragment(run)}</body></html>\n")
+

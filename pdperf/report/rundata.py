@@ -1,0 +1,167 @@
+"""Reading a run folder: the contract between the code that runs points and the report.
+
+::
+
+    reports/<run-id>/run.json         {"run_id", "started_at", "finished_at", "environment", "command", "git_sha"}
+    reports/<run-id>/points/*.json    each a PointResult.to_dict()
+    reports/<run-id>/verdicts.json    [{"test_id", "outcome", "reason", "slo": [...], "gate": {...} | null}]  (optional)
+
+The report is built after a run that may have been interrupted, so a missing run.json or
+verdicts.json, or an unreadable point file, is shown in the report as a problem instead
+of aborting it; ``strict=True`` (the compare CLI) turns each into an error instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pdperf import metrics
+from pdperf.errors import PdperfError, SpecError
+from pdperf.results import SCHEMA_VERSION, PointResult
+from pdperf.specs import TOPOLOGY_DIR, load_topology
+
+_POINT_KEYS = {"topology", "workload", "point_id", "records"}
+
+
+class ReportError(PdperfError):
+    """A run folder or result file that cannot be read; the message names it and the fix."""
+
+
+@dataclass
+class RunData:
+    run_dir: Path
+    run: dict[str, Any]
+    points: list[PointResult]
+    verdicts: list[dict[str, Any]] | None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def run_id(self) -> str:
+        return str(self.run.get("run_id") or self.run_dir.name)
+
+    @property
+    def environment(self) -> dict[str, Any]:
+        env = self.run.get("environment")
+        if isinstance(env, dict) and env:
+            return env
+        return self.points[0].environment if self.points else {}
+
+
+def load_point_file(path: Path) -> PointResult:
+    """One point result file; every failure is a ReportError naming the file and the fix."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ReportError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ReportError(f"{path}: is a folder without points/; pass a run folder or a point JSON file") from None
+    except UnicodeDecodeError:
+        raise ReportError(f"{path}: not a text file; pass a run folder or a point JSON file") from None
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path}: not JSON ({e.msg} at line {e.lineno}); pass a point result written by "
+                          "pdperf") from None
+    if not isinstance(data, dict) or not _POINT_KEYS <= set(data):
+        missing = sorted(_POINT_KEYS - set(data)) if isinstance(data, dict) else sorted(_POINT_KEYS)
+        raise ReportError(f"{path}: not a pdperf point result (missing {', '.join(missing)}); pass a run folder "
+                          "or one of its points/*.json files")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise ReportError(f"{path}: result schema_version {data.get('schema_version')} is not {SCHEMA_VERSION} "
+                          "(written by another pdperf version); re-run the point or convert the file")
+    try:
+        return PointResult.from_dict(data)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ReportError(f"{path}: does not match result schema {SCHEMA_VERSION}: {e}") from None
+
+
+def _read_json(path: Path, what: str, problems: list[str], strict: bool) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        msg = f"{path}: {what} is not valid JSON ({e}); it was left out"
+        if strict:
+            raise ReportError(msg) from None
+        problems.append(msg)
+        return None
+
+
+def load_run(run_dir: Path, *, strict: bool = False) -> RunData:
+    """Everything the report needs from ``run_dir`` (points sorted by topology, workload, load)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir}: no such run folder (expected reports/<run-id>/ with run.json and points/)")
+    problems: list[str] = []
+    run = _read_json(run_dir / "run.json", "run.json", problems, strict)
+    if run is None and not (run_dir / "run.json").exists():
+        problems.append(f"{run_dir / 'run.json'}: missing; run metadata comes from the first point's environment")
+    if run is not None and not isinstance(run, dict):
+        problems.append(f"{run_dir / 'run.json'}: expected a JSON object; ignored")
+        run = None
+    points_dir = run_dir / "points"
+    files = sorted(points_dir.glob("*.json")) if points_dir.is_dir() else []
+    if not files and strict:
+        raise ReportError(f"{run_dir}: no points/*.json; pass a run folder written by pdperf or a point JSON file")
+    points = []
+    for f in files:
+        try:
+            points.append(load_point_file(f))
+        except ReportError as e:
+            if strict:
+                raise
+            problems.append(f"{e}; left out")
+    points.sort(key=lambda p: (p.topology, p.workload, p.sweep_kind, p.point_value, p.point_id))
+    verdicts = _read_json(run_dir / "verdicts.json", "verdicts.json", problems, strict)
+    if verdicts is not None and not isinstance(verdicts, list):
+        problems.append(f"{run_dir / 'verdicts.json'}: expected a JSON list; ignored")
+        verdicts = None
+    return RunData(run_dir, run or {}, points, verdicts, problems)
+
+
+def point_summary(p: PointResult) -> dict[str, Any]:
+    """The point's stored summary, or one computed from its records when it has none."""
+    if p.summary and "metrics" in p.summary:
+        return p.summary
+    return metrics.summarize(p.records, duration_s=p.duration_s, gpus=p.gpus)
+
+
+def latency(summary: dict[str, Any], metric: str, statistic: str) -> float | None:
+    """``latency(s, "ttft_ms", "p99")``; None when the point has no samples of the metric."""
+    v = summary.get("metrics", {}).get(metric, {}).get(statistic)
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def throughput(summary: dict[str, Any], key: str) -> float | None:
+    v = summary.get("throughput", {}).get(key, summary.get(key))
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+_PD_NAME = re.compile(r"(^|-)pd(-|$)")
+
+
+@functools.lru_cache(maxsize=256)
+def _kind_from_spec(topology: str) -> str | None:
+    """The ``kind`` of ``topologies/<topology>.yaml`` when that file exists and validates."""
+    path = TOPOLOGY_DIR / f"{topology}.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return load_topology(path).kind
+    except SpecError:
+        return None  # an invalid spec is reported by the spec tests; the name still tells the kind
+
+
+def topology_kind(p: PointResult) -> str:
+    """'pd' or 'collocated': a ``topology_kind`` key in the point, else the topology's spec file,
+    else the name (a ``pd`` dash-separated word, as in ``pd-1p1d`` or ``cpu-pd-1p1-1d1``)."""
+    for source in (p.environment, p.summary, p.telemetry):
+        kind = source.get("topology_kind") if isinstance(source, dict) else None
+        if kind in ("pd", "collocated"):
+            return kind
+    return _kind_from_spec(p.topology) or ("pd" if _PD_NAME.search(p.topology) else "collocated")
