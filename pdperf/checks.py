@@ -80,3 +80,17 @@ class SweepTracker:
             return (f"sweep stopped: SLO missed at {len(fails)} consecutive points ({', '.join(fails)}); "
                     "higher load points would only miss it further")
         return None
+
+
+def kv_bandwidth_gb_s(telemetry: dict[str, Any]) -> float | None:
+    """Mean NIXL KV transfer bandwidth of a point (GB/s), from the engines' Prometheus counters.
+
+    The reference study's rule of thumb: healthy EFA SRD moves 10-12 GB/s; below 1 GB/s
+    across nodes means UCX picked the wrong transport (TCP).
+    """
+    total_bytes = telemetry.get("kv_bytes")
+    per_xfer_s = telemetry.get("kv_transfer_time_s")
+    count = telemetry.get("kv_transfers")
+    if not total_bytes or not per_xfer_s or not count:
+        return None
+    return float(total_bytes) / (float(per_xfer_s) * float(count)) / 1e9

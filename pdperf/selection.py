@@ -151,14 +151,13 @@ class SessionContext:
                 if _match(n, self.workload_patterns) and w.device in ("any", self.device)]
 
     def sweep_cases(self, sweep_kind: str | None = None) -> list[SweepCase]:
+        # Topology first: consecutive cases share a deployment (a redeploy costs minutes).
         cases = []
-        for w in self.workloads():
-            if sweep_kind and w.sweep.kind != sweep_kind:
+        for t in self.topologies():
+            if t.device != self.device and self.backend != "external":
                 continue
-            for t in self.topologies():
-                if t.device != self.device and self.backend != "external":
-                    continue
-                if not _match(t.name, w.topologies):
+            for w in self.workloads():
+                if w.tier != "sweep" or (sweep_kind and w.sweep.kind != sweep_kind) or not _match(t.name, w.topologies):
                     continue
                 for p in w.sweep.points:
                     n = max(int(round(w.sweep.requests_at(p) * self.requests_scale)), 1)

@@ -170,6 +170,8 @@ class Workload(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9.\-]*$")
     description: str = ""
     device: Literal["cpu", "gpu", "any"] = "any"
+    tier: Literal["smoke", "sweep", "network"] = Field(
+        "sweep", description="which tier uses it: only 'sweep' workloads are swept; smoke/network ones are named by tests")
     dataset: Literal["random", "prefix_repetition", "prefill_only", "decode_heavy"] = "random"
     isl: int = Field(ge=1, description="input tokens per request")
     osl: int = Field(ge=1, description="output tokens per request")

@@ -1,0 +1,161 @@
+"""``pdperf``: the reference study's tools on top of the suite's own code.
+
+- ``pdperf serve TOPOLOGY``   stand a topology up and keep it serving (the study's launcher)
+- ``pdperf query URL``        one streamed request: TTFT and per-token timing
+- ``pdperf validate``         check every topology and workload file
+- ``pdperf plan TOPOLOGY``    show where a topology's engines would go on this cluster
+- ``pdperf report RUN_DIR``   rebuild a run's report; ``pdperf compare A B`` compares runs
+
+User mistakes end with one ``error:`` line and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from pdperf.errors import PdperfError
+from pdperf.specs import ROOT, all_topologies, all_workloads
+
+
+def _topology(name: str):
+    topos = all_topologies()
+    if name not in topos:
+        raise PdperfError(f"topology '{name}': not in topologies/; known: {', '.join(sorted(topos))}")
+    return topos[name]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pdperf.backends.ray_serve import RayCluster, RayServeDeployment
+    from pdperf.backends.vllm_proc import VllmProcessDeployment
+
+    t = _topology(args.topology)
+    cluster = None
+    if args.backend == "ray":
+        cluster = RayCluster(args.ray_address).start()
+        dep = RayServeDeployment(t, cluster, model=args.model if t.device == "gpu" else None)
+    else:
+        dep = VllmProcessDeployment(t, Path(args.log_dir), model=args.model if t.device == "gpu" else None)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        ep = dep.start(args.timeout)
+        print(json.dumps({"topology": t.name, "backend": ep.backend, "url": ep.base_url, "model": ep.model_id,
+                          "startup_s": round(ep.startup_s, 1), "metrics": ep.metrics_urls}), flush=True)
+        print(f"serving {t.name} at {ep.base_url} (model '{ep.model_id}'); Ctrl-C to tear down", file=sys.stderr)
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+    finally:
+        dep.stop()
+        if cluster:
+            cluster.stop()
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from pdperf.loadgen.runner import single_request
+    from pdperf.metrics import itl_ms, tpot_ms, ttft_ms
+
+    model = args.model
+    if not model:
+        import urllib.request
+
+        with urllib.request.urlopen(args.url.rstrip("/") + "/v1/models", timeout=30) as resp:
+            model = json.load(resp)["data"][0]["id"]
+    rec, text = single_request(args.url.rstrip("/"), model, args.prompt, args.max_tokens, api=args.api)
+    if rec.error:
+        raise PdperfError(f"{args.url}: request failed: {rec.error}: {rec.error_detail}")
+    itl = itl_ms(rec)
+    out = {"model": model, "output_tokens": rec.output_tokens, "ttft_ms": round(ttft_ms(rec) or 0, 2),
+           "tpot_ms": round(tpot_ms(rec) or 0, 2), "chunks": len(rec.chunk_times_s),
+           "itl_ms": [round(x, 2) for x in itl], "text": text}
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    topos, wls = all_topologies(), all_workloads()
+    print(f"{len(topos)} topologies and {len(wls)} workloads are valid")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pdperf.placement import plan
+    from pdperf.selection import local_nodes
+
+    t = _topology(args.topology)
+    if args.ray_address:
+        from pdperf.backends.ray_serve import RayCluster
+
+        cluster = RayCluster(args.ray_address).start()
+        nodes = cluster.nodes()
+        cluster.stop()
+    else:
+        nodes = local_nodes()
+    p = plan(t, nodes)
+    print(json.dumps({"topology": t.name, "feasible": p.feasible, "reason": p.reason,
+                      "roles": {k: {"node": v.node_ip, **v.placement_group_config} for k, v in p.roles.items()}},
+                     indent=1))
+    return 0 if p.feasible else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pdperf.report import build_report
+
+    print(build_report(Path(args.run_dir)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pdperf", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="stand a topology up and keep it serving")
+    s.add_argument("topology")
+    s.add_argument("--backend", choices=("ray", "vllm"), default="ray")
+    s.add_argument("--ray-address", default=None)
+    s.add_argument("--model", default=None, help="model for GPU topologies (key or folder)")
+    s.add_argument("--timeout", type=float, default=900.0)
+    s.add_argument("--log-dir", default=str(ROOT / "reports" / "serve-logs"))
+    s.set_defaults(fn=cmd_serve)
+    q = sub.add_parser("query", help="one streamed request with TTFT and per-token timing")
+    q.add_argument("url", help="base URL, e.g. http://127.0.0.1:8000/cpu-pd-1p1-1d1")
+    q.add_argument("--model", default=None, help="model id (default: the first the server lists)")
+    q.add_argument("--prompt", default="def fibonacci(n):\n    ")
+    q.add_argument("--max-tokens", type=int, default=32)
+    q.add_argument("--api", choices=("completions", "chat"), default="completions")
+    q.set_defaults(fn=cmd_query)
+    v = sub.add_parser("validate", help="validate every topology and workload file")
+    v.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("plan", help="show the placement of a topology on this cluster")
+    p.add_argument("topology")
+    p.add_argument("--ray-address", default=None)
+    p.set_defaults(fn=cmd_plan)
+    r = sub.add_parser("report", help="rebuild a run folder's report")
+    r.add_argument("run_dir")
+    r.set_defaults(fn=cmd_report)
+    c = sub.add_parser("compare", help="compare runs or a run against its baselines (see python -m pdperf.compare -h)",
+                       add_help=False)
+    c.add_argument("rest", nargs=argparse.REMAINDER)
+    args = ap.parse_args(argv)
+    if args.cmd == "compare":
+        from pdperf.compare import main as compare_main
+
+        return compare_main(args.rest)
+    try:
+        return args.fn(args)
+    except PdperfError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
