@@ -63,8 +63,14 @@ def nodes_from_ray_state(raw_nodes: Iterable[dict[str, Any]], efa: dict[str, int
 
 def efa_by_node(nodes: list[NodeInfo]) -> dict[str, int]:
     """Count EFA devices on every node by running ``detect_efa`` there (a Ray task pinned per node)."""
+    import sys
+
     import ray
+    from ray import cloudpickle
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # Ship this module's code with the task: the cluster's workers need not have pdperf installed.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
     @ray.remote(num_cpus=0)
     def _count() -> int:

@@ -42,6 +42,7 @@ class DeploymentPool:
         self._alive: OrderedDict[str, tuple[Deployment, Endpoint]] = OrderedDict()
         self._failed: dict[str, PdperfError] = {}
         self.startups: list[StartupRecord] = []
+        self.teardown_errors: list[str] = []
 
     def get(self, topology: Topology) -> Endpoint:
         name = topology.name
@@ -53,20 +54,64 @@ class DeploymentPool:
         while len(self._alive) >= self.max_alive:
             self._stop(next(iter(self._alive)))
         deployment = self.factory(topology)
+        self._launch(topology, deployment)
+        return self._finish(topology, deployment)
+
+    def prestart(self, topologies: list[Topology]) -> None:
+        """Launch several deployments side by side, then wait for each: start-up costs overlap.
+
+        Errors are remembered per topology and raised by ``get`` for the tests that need it.
+        """
+        todo = [t for t in topologies if t.name not in self._alive and t.name not in self._failed]
+        todo = todo[: max(0, self.max_alive - len(self._alive))]
+        launched = []
         try:
-            endpoint = deployment.start(self.timeout_s)
+            for t in todo:
+                d = self.factory(t)
+                try:
+                    self._launch(t, d)
+                except PdperfError:
+                    continue
+                launched.append((t, d))
+            while launched:
+                t, d = launched[0]
+                try:
+                    self._finish(t, d)
+                except PdperfError:
+                    pass
+                launched.pop(0)
+        finally:
+            for _, d in launched:  # interrupted (Ctrl-C, timeout): leave nothing running
+                self._safe_stop(d)
+
+    def _launch(self, topology: Topology, deployment: Deployment) -> None:
+        try:
+            deployment.launch()
         except PdperfError as e:
-            self._failed[name] = e
-            self.startups.append(StartupRecord(name, deployment.backend, None, error=str(e).splitlines()[0]))
-            self._safe_stop(deployment)
+            self._fail(topology, deployment, e)
             raise
         except BaseException:
             self._safe_stop(deployment)
             raise
-        self._alive[name] = (deployment, endpoint)
-        self.startups.append(StartupRecord(name, deployment.backend, endpoint.startup_s, endpoint.restarts_at_ready,
-                                           details=dict(endpoint.details)))
+
+    def _finish(self, topology: Topology, deployment: Deployment) -> Endpoint:
+        try:
+            endpoint = deployment.wait_ready(self.timeout_s)
+        except PdperfError as e:
+            self._fail(topology, deployment, e)
+            raise
+        except BaseException:
+            self._safe_stop(deployment)
+            raise
+        self._alive[topology.name] = (deployment, endpoint)
+        self.startups.append(StartupRecord(topology.name, deployment.backend, endpoint.startup_s,
+                                           endpoint.restarts_at_ready, details=dict(endpoint.details)))
         return endpoint
+
+    def _fail(self, topology: Topology, deployment: Deployment, e: PdperfError) -> None:
+        self._failed[topology.name] = e
+        self.startups.append(StartupRecord(topology.name, deployment.backend, None, error=str(e).splitlines()[0]))
+        self._safe_stop(deployment)
 
     def alive(self) -> list[str]:
         return list(self._alive)
@@ -80,7 +125,10 @@ class DeploymentPool:
     def _stop(self, name: str) -> None:
         deployment, _ = self._alive.pop(name)
         t0 = time.monotonic()
-        deployment.stop()
+        try:
+            deployment.stop()
+        except Exception as e:  # noqa: BLE001 - recorded and reported by close(); the pool goes on
+            self.teardown_errors.append(f"teardown of {name}: {type(e).__name__}: {e}")
         for rec in reversed(self.startups):
             if rec.topology == name and rec.teardown_s is None:
                 rec.teardown_s = time.monotonic() - t0
@@ -88,10 +136,7 @@ class DeploymentPool:
 
     def close(self) -> list[str]:
         """Tear every deployment down; return the errors met (teardown continues past them)."""
-        errors = []
         for name in list(self._alive):
-            try:
-                self._stop(name)
-            except Exception as e:  # noqa: BLE001 - keep tearing the rest down, report all
-                errors.append(f"teardown of {name}: {type(e).__name__}: {e}")
+            self._stop(name)
+        errors, self.teardown_errors = self.teardown_errors, []
         return errors

@@ -74,6 +74,9 @@ class SessionContext:
     max_alive: int = 2
     requests_scale: float = 1.0
     stream_batching_ms: int = 0
+    keep_deployments: bool = False
+    prestart: bool = True
+    planned: list[Topology] = field(default_factory=list)
     nodes: list[NodeInfo] = field(default_factory=list)
     all_topologies: dict[str, Topology] = field(default_factory=dict)
     all_workloads: dict[str, Workload] = field(default_factory=dict)
@@ -86,13 +89,21 @@ class SessionContext:
                   workload_patterns=list(opt.workload or []), ray_address=opt.ray_address,
                   model_override=opt.model, external_url=opt.external_url, external_model=opt.external_model,
                   tokenizer=opt.tokenizer, deploy_timeout_s=opt.deploy_timeout, max_alive=opt.max_alive,
-                  requests_scale=opt.requests_scale, stream_batching_ms=opt.stream_batching_ms)
+                  requests_scale=opt.requests_scale, stream_batching_ms=opt.stream_batching_ms,
+                  keep_deployments=getattr(opt, "keep_deployments", False),
+                  prestart=not getattr(opt, "no_prestart", False))
+        if ctx.keep_deployments and not ctx.ray_address:
+            raise SpecError("--keep-deployments needs --ray-address: a local Ray head ends with the session")
         ctx.all_topologies = all_topologies(root / "topologies")
         ctx.all_workloads = all_workloads(root / "workloads")
         unknown = [p for p in ctx.topology_patterns if not any(fnmatch.fnmatchcase(n, p) for n in ctx.all_topologies)]
         if unknown and ctx.backend != "external":
             raise SpecError(f"--topology {', '.join(unknown)}: no such topology in topologies/; known: "
                             f"{', '.join(sorted(ctx.all_topologies))}")
+        unknown_wl = [p for p in ctx.workload_patterns if not any(fnmatch.fnmatchcase(n, p) for n in ctx.all_workloads)]
+        if unknown_wl:
+            raise SpecError(f"--workload {', '.join(unknown_wl)}: no such workload in workloads/; known: "
+                            f"{', '.join(sorted(ctx.all_workloads))}")
         if ctx.backend == "external" and not ctx.external_url:
             raise SpecError("--backend external needs --external-url URL (the server's base URL)")
         if ctx.requests_scale <= 0:
@@ -176,9 +187,16 @@ class SessionContext:
             return f"topology {t.name}: GPU topology; this run is --device cpu"
         if self.backend == "vllm" and t.nodes_needed > 1:
             return f"topology {t.name}: the vllm backend is single-node; 'spread' needs --backend ray"
-        if self.backend == "vllm" and len([n for n in self.nodes if n.gpus]) > 1:
-            return None
         return None
+
+    def prestart_set(self) -> list[Topology]:
+        """Topologies to start side by side: those the session will use, if they all fit at once."""
+        topos = list({t.name: t for t in self.planned}.values())
+        if not self.prestart or len(topos) < 2 or len(topos) > self.max_alive:
+            return []
+        if sum(t.gpus for t in topos) > sum(n.gpus for n in self.nodes):
+            return []
+        return topos
 
     def reference_for(self, t: Topology) -> Topology | None:
         """The collocated topology whose greedy output a PD topology must reproduce."""
@@ -200,7 +218,7 @@ class SessionContext:
             if self.cluster is None:
                 raise ClusterError("internal: the Ray cluster is not connected")
             return RayServeDeployment(t, self.cluster, model=self.model_for(t),
-                                      stream_batching_interval_ms=self.stream_batching_ms)
+                                      stream_batching_interval_ms=self.stream_batching_ms, keep=self.keep_deployments)
         from pdperf.backends.vllm_proc import ExternalDeployment, VllmProcessDeployment
 
         if self.backend == "vllm":
@@ -213,9 +231,10 @@ def item_topology(item: Any) -> Topology | None:
     callspec = getattr(item, "callspec", None)
     if callspec is None:
         return None
-    if "sweep_case" in callspec.params:
-        return callspec.params["sweep_case"].topology
-    return callspec.params.get("topology")
+    value = callspec.params.get("sweep_case", callspec.params.get("topology"))
+    if isinstance(value, SweepCase):
+        return value.topology
+    return value if isinstance(value, Topology) else None  # an empty parameter set gives NOTSET
 
 
 def env_flag(name: str) -> bool:

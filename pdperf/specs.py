@@ -114,10 +114,14 @@ class SLO(_Strict):
 
     @classmethod
     def parse(cls, text: str) -> "SLO":
-        m = re.fullmatch(r"\s*p(\d+(?:\.\d+)?)_([a-z_]+_ms)\s*<=\s*([0-9.]+)\s*", text)
+        m = re.fullmatch(r"\s*p(\d+(?:\.\d+)?)_([a-z_]+_ms)\s*<=\s*(\d+(?:\.\d+)?)\s*", text)
         if not m:
             raise SpecError(f"SLO '{text}': expected the form 'p99_ttft_ms <= 500'")
-        return cls(percentile=float(m.group(1)), metric=m.group(2), bound=float(m.group(3)))
+        try:
+            return cls(percentile=float(m.group(1)), metric=m.group(2), bound=float(m.group(3)))
+        except ValidationError as e:
+            why = "; ".join(f"{'.'.join(str(x) for x in d['loc'])}: {d['msg']}" for d in e.errors())
+            raise SpecError(f"SLO '{text}': {why}") from None
 
     @property
     def key(self) -> str:
@@ -189,7 +193,10 @@ class Workload(_Strict):
     @classmethod
     def _parse_slos(cls, v: Any) -> Any:
         if isinstance(v, list):
-            return [SLO.parse(x) if isinstance(x, str) else x for x in v]
+            try:
+                return [SLO.parse(x) if isinstance(x, str) else x for x in v]
+            except SpecError as e:
+                raise ValueError(str(e)) from None  # so the message carries the file and key
         return v
 
     @model_validator(mode="after")

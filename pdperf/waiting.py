@@ -31,7 +31,7 @@ def poll_until(probe: Callable[[], T | None], *, what: str, timeout_s: float, in
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             state = f"; last state: {describe()}" if describe else ""
-            raise WaitTimeout(f"timed out after {timeout_s:.0f} s waiting for {what}{state}")
+            raise WaitTimeout(f"timed out after {timeout_s:g} s waiting for {what}{state}")
         time.sleep(min(delay, remaining))  # a poll interval, not a readiness guess
         delay = min(delay * 1.5, max_interval_s)
 

@@ -45,12 +45,23 @@ class Endpoint:
 
 
 class Deployment:
-    """A started backend. ``start()`` returns the Endpoint when ready; ``stop()`` leaves nothing behind."""
+    """A backend's deployment of one topology.
+
+    ``launch()`` starts it without waiting (so several can start side by side), ``wait_ready()``
+    returns the Endpoint once it serves, ``start()`` does both; ``stop()`` leaves nothing behind.
+    """
 
     backend = "base"
 
-    def start(self, timeout_s: float) -> Endpoint:  # pragma: no cover - interface
+    def launch(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def wait_ready(self, timeout_s: float) -> Endpoint:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def start(self, timeout_s: float) -> Endpoint:
+        self.launch()
+        return self.wait_ready(timeout_s)
 
     def stop(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +42,30 @@ LOOPBACK_ENV = {
     "UCX_NET_DEVICES": "lo",
 }
 CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def _check_gcs_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds where no GCS listens: ray.init retries such an address for ~15 minutes.
+
+    Probes the host:port Ray itself would dial (it swaps 127.0.0.1/localhost for the node IP);
+    ``ray://`` client addresses and addresses Ray cannot resolve are left to ray.init.
+    """
+    if "://" in address:
+        return
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        target = canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError):
+        return  # ray.init raises these itself, with its own message
+    if target is None:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ConnectionError(f"nothing answers at {target}: {e.strerror or e}") from None
 
 
 class RayCluster:
@@ -68,6 +93,7 @@ class RayCluster:
             serve.start(http_options={"host": "127.0.0.1", "port": self.http_port})
         else:
             try:
+                _check_gcs_reachable(self.address)
                 ray.init(address=self.address, log_to_driver=False, configure_logging=False)
             except (ConnectionError, ValueError, RuntimeError) as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -92,7 +118,8 @@ class RayCluster:
         urls = []
         for n in ray.nodes():
             if n.get("Alive") and n.get("MetricsExportPort"):
-                urls.append(f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics")
+                host = "127.0.0.1" if self.local else n["NodeManagerAddress"]  # a local head: stay on loopback
+                urls.append(f"http://{host}:{n['MetricsExportPort']}/metrics")
         return urls
 
     @property
@@ -195,8 +222,9 @@ class RayServeDeployment(Deployment):
     backend = "ray"
 
     def __init__(self, topology: Topology, cluster: RayCluster, *, model: str | None = None,
-                 stream_batching_interval_ms: int = 0, app_suffix: str = ""):
+                 stream_batching_interval_ms: int = 0, app_suffix: str = "", keep: bool = False):
         self.topology = topology
+        self.keep = keep
         self.cluster = cluster
         self.model = model or topology.model
         self.stream_batching_interval_ms = stream_batching_interval_ms
@@ -231,20 +259,34 @@ class RayServeDeployment(Deployment):
         return "; ".join(parts)
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def start(self, timeout_s: float = 900.0) -> Endpoint:
+    def launch(self) -> None:
         from ray import serve
 
         t = self.topology
-        placement = plan(t, self.cluster.nodes())
-        if not placement.feasible:
-            raise ClusterError(placement.reason or "")
-        model_path = ensure_model(self.model)
-        t0 = time.monotonic()
-        app = build_app(t, model_path, placement, self.cluster.local,
+        self._placement = plan(t, self.cluster.nodes())
+        if not self._placement.feasible:
+            raise ClusterError(self._placement.reason or "")
+        self._model_path = ensure_model(self.model)
+        self._t0 = time.monotonic()
+        self._adopted = False
+        if self.keep:
+            st = serve.status().applications.get(self.app)
+            if st is not None and st.status.value == "RUNNING":
+                log.warning("topology %s: adopting the running Serve application '%s' (--keep-deployments); "
+                            "drop that option to redeploy it", t.name, self.app)
+                self._adopted = True
+                return
+        app = build_app(t, self._model_path, self._placement, self.cluster.local,
                         stream_batching_interval_ms=self.stream_batching_interval_ms)
         self._started = True
         serve.run(app, name=self.app, route_prefix=f"/{self.app}", blocking=False)
+
+    def wait_ready(self, timeout_s: float = 900.0) -> Endpoint:
+        from ray import serve
+
+        t = self.topology
         base = f"{self.cluster.http_base}/{self.app}"
+        t0 = self._t0
 
         def app_running() -> bool | None:
             st = serve.status().applications.get(self.app)
@@ -269,20 +311,23 @@ class RayServeDeployment(Deployment):
             poll_until(models_answer, what=f"{base}/v1/models to list '{t.name}'", timeout_s=remaining)
         except WaitTimeout as e:
             raise DeployError(f"topology {t.name}: {e}\n{self.log_tail()}") from None
-        startup_s = time.monotonic() - t0
+        startup_s = 0.0 if self._adopted else time.monotonic() - t0
         restarts = self.restarts()
         if restarts:
             log.warning("topology %s: %d replica restart(s) during start-up", t.name, restarts)
         return Endpoint(
-            topology=t, backend=self.backend, base_url=base, model_id=t.name, tokenizer_path=model_path,
-            metrics_urls=self.cluster.metrics_urls(), startup_s=startup_s, placement=placement,
+            topology=t, backend=self.backend, base_url=base, model_id=t.name, tokenizer_path=self._model_path,
+            metrics_urls=self.cluster.metrics_urls(), startup_s=startup_s, placement=self._placement,
             restarts_at_ready=restarts, restart_counter=self.restarts, log_tail=self.log_tail,
-            details={"app": self.app, "ray_address": self.cluster.address or "local",
+            details={"app": self.app, "ray_address": self.cluster.address or "local", "adopted": self._adopted,
                      "stream_batching_interval_ms": self.stream_batching_interval_ms})
 
     def stop(self, timeout_s: float = 120.0) -> None:
         """Delete the application and check that its replicas and placement groups are gone."""
-        if not self._started:
+        if self.keep:
+            log.warning("topology %s: left running (--keep-deployments)", self.topology.name)
+            return
+        if not self._started and not getattr(self, "_adopted", False):
             return
         from ray import serve
 

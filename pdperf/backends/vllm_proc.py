@@ -91,7 +91,7 @@ class VllmProcessDeployment(Deployment):
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(f"--- {p.name} ({p.log_path}) last lines:\n{tail_file(p.log_path, n)}" for p in self.procs)
 
-    def start(self, timeout_s: float = 900.0) -> Endpoint:
+    def launch(self) -> None:
         t = self.topology
         if t.nodes_needed > 1:
             raise ClusterError(f"topology {t.name}: the vllm backend runs on one node; 'spread' needs the ray backend")
@@ -131,6 +131,11 @@ class VllmProcessDeployment(Deployment):
                    "--decode", ",".join(p.url for p in decode),
                    "--prefill", ",".join(p.url for p in engines.get("prefill", []))]
             front = self._spawn("proxy", cmd, dict(os.environ), f"http://127.0.0.1:{port}")
+        self._t0, self._model_path, self._front, self._engines = t0, model_path, front, all_engines
+
+    def wait_ready(self, timeout_s: float = 900.0) -> Endpoint:
+        t = self.topology
+        t0, model_path, front, all_engines = self._t0, self._model_path, self._front, self._engines
 
         def all_healthy() -> bool | None:
             for p in self.procs:
@@ -176,7 +181,10 @@ class ExternalDeployment(Deployment):
         self.model_id = model_id
         self.metrics_urls = metrics_urls or []
 
-    def start(self, timeout_s: float = 60.0) -> Endpoint:
+    def launch(self) -> None:
+        pass
+
+    def wait_ready(self, timeout_s: float = 60.0) -> Endpoint:
         def models() -> list[str] | None:
             try:
                 with urllib.request.urlopen(self.url + "/v1/models", timeout=10) as resp:

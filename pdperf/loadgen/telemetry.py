@@ -1,0 +1,301 @@
+"""Server-side telemetry of a load point: vLLM's own Prometheus counters, before and after.
+
+Why: a client sees TTFT; only the engine knows how much of it was queueing, prefill, KV
+transfer (NIXL) or decode. Histograms and counters are cumulative, so a scrape before and
+after the measured window gives exact per-window sums and counts (``Δsum / Δcount`` is the
+window's mean); gauges (KV-cache use) are sampled during the window and their maximum kept.
+
+Names move between versions and exporters: vLLM writes ``vllm:ttft...``; through Ray's
+metrics agent the same metric is ``ray_vllm_ttft...``; older vLLM called inter-token latency
+``vllm:time_per_output_token_seconds``. Every name is normalised (``:`` -> ``_``, a leading
+``ray_`` dropped) and each output key lists its candidates; an absent metric gives ``None``,
+never an error. Sums are taken over all label sets (engines, models) and all URLs.
+
+The flat keys the report reads (``queue_time_s``, ``prefill_time_s``, ``decode_time_s``,
+``kv_transfer_time_s``) are means per request (per transfer for ``kv_transfer_time_s``).
+A counter that went down between the scrapes (an engine restarted) is listed in
+``counter_resets`` and its "after" value used as the delta.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+SampleKey = tuple[str, tuple[tuple[str, str], ...]]
+
+# flat key -> histogram base names (normalised), first present wins
+HISTOGRAM_MEANS: dict[str, tuple[str, ...]] = {
+    "server_ttft_mean_s": ("vllm_time_to_first_token_seconds",),
+    "server_itl_mean_s": ("vllm_inter_token_latency_seconds", "vllm_time_per_output_token_seconds"),
+    "server_tpot_mean_s": ("vllm_request_time_per_output_token_seconds",),
+    "server_e2e_mean_s": ("vllm_e2e_request_latency_seconds",),
+    "queue_time_s": ("vllm_request_queue_time_seconds",),
+    "prefill_time_s": ("vllm_request_prefill_time_seconds",),
+    "decode_time_s": ("vllm_request_decode_time_seconds",),
+    "inference_time_s": ("vllm_request_inference_time_seconds",),
+    "kv_transfer_time_s": ("vllm_nixl_xfer_time_seconds",),
+    "kv_post_time_s": ("vllm_nixl_post_time_seconds",),
+}
+# flat key -> (histogram base, "sum"|"count")
+HISTOGRAM_TOTALS: dict[str, tuple[tuple[str, ...], str]] = {
+    "server_requests": (("vllm_e2e_request_latency_seconds",), "count"),
+    "kv_transfers": (("vllm_nixl_xfer_time_seconds",), "count"),
+    "kv_bytes": (("vllm_nixl_bytes_transferred",), "sum"),
+}
+# flat key -> counter names (normalised, without _total), first present wins
+COUNTERS: dict[str, tuple[str, ...]] = {
+    "preemptions": ("vllm_num_preemptions",),
+    "kv_failed_transfers": ("vllm_nixl_num_failed_transfers",),
+    "kv_expired_requests": ("vllm_nixl_num_kv_expired_reqs",),
+    "prompt_tokens": ("vllm_prompt_tokens",),
+    "generation_tokens": ("vllm_generation_tokens",),
+    "prefix_cache_queries": ("vllm_prefix_cache_queries", "vllm_gpu_prefix_cache_queries"),
+    "prefix_cache_hits": ("vllm_prefix_cache_hits", "vllm_gpu_prefix_cache_hits"),
+}
+GAUGES: dict[str, tuple[str, ...]] = {
+    "kv_cache_usage_perc": ("vllm_kv_cache_usage_perc", "vllm_gpu_cache_usage_perc"),
+    "requests_running": ("vllm_num_requests_running",),
+    "requests_waiting": ("vllm_num_requests_waiting",),
+}
+
+_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)(?:\s+\S+)?\s*$")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?\s*')
+
+
+def normalize_name(name: str) -> str:
+    """``vllm:x`` and ``ray_vllm_x`` both become ``vllm_x``."""
+    n = name.replace(":", "_")
+    return n[4:] if n.startswith("ray_") else n
+
+
+def _unescape(v: str) -> str:
+    return v.replace("\\\\", "\x00").replace('\\"', '"').replace("\\n", "\n").replace("\x00", "\\")
+
+
+def _value(s: str) -> float:
+    if s in ("+Inf", "Inf"):
+        return math.inf
+    if s == "-Inf":
+        return -math.inf
+    return float(s)  # "NaN" parses too
+
+
+def parse_prometheus(text: str) -> dict[SampleKey, float]:
+    """Samples of a Prometheus text exposition: ``{(normalised name, sorted labels): value}``.
+
+    Comments and ``# TYPE``/``# HELP`` lines are skipped (types are recovered from suffixes);
+    ``_created`` samples (prometheus_client's creation timestamps) are dropped; a line that is
+    not a sample is skipped rather than failing the whole scrape.
+    """
+    out: dict[SampleKey, float] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line[0] == "#":
+            continue
+        m = _LINE.match(line)
+        if not m:
+            continue
+        name = normalize_name(m.group(1))
+        if name.endswith("_created"):
+            continue
+        labels: tuple[tuple[str, str], ...] = ()
+        if m.group(2):
+            body = m.group(2)[1:-1]
+            labels = tuple(sorted((k, _unescape(v)) for k, v in _LABEL.findall(body)))
+        try:
+            out[(name, labels)] = _value(m.group(3))
+        except ValueError:
+            continue
+    return out
+
+
+@dataclass
+class Delta:
+    """Per-sample differences of two scrapes, and the counters that went backwards."""
+
+    values: dict[SampleKey, float]
+    resets: set[str] = field(default_factory=set)
+
+    def total(self, name: str) -> float | None:
+        """Sum of the deltas of every sample named ``name`` (None if there is none)."""
+        found = False
+        acc = 0.0
+        for (n, _labels), v in self.values.items():
+            if n == name:
+                found = True
+                acc += v
+        return acc if found else None
+
+    def buckets(self, base: str) -> dict[str, float]:
+        """Histogram bucket deltas summed over label sets: ``{le: count}``."""
+        out: dict[str, float] = {}
+        for (n, labels), v in self.values.items():
+            if n == base + "_bucket":
+                le = dict(labels).get("le", "")
+                out[le] = out.get(le, 0.0) + v
+        return out
+
+
+def delta(before: dict[SampleKey, float], after: dict[SampleKey, float]) -> Delta:
+    values: dict[SampleKey, float] = {}
+    resets: set[str] = set()
+    for key, v_after in after.items():
+        v_before = before.get(key, 0.0)
+        d = v_after - v_before
+        if d < 0 and _is_cumulative(key[0]):
+            resets.add(key[0])
+            d = v_after
+        values[key] = d
+    return Delta(values, resets)
+
+
+def _is_cumulative(name: str) -> bool:
+    return name.endswith(("_total", "_sum", "_count", "_bucket"))
+
+
+def scrape(urls: Iterable[str], *, timeout_s: float = 5.0) -> tuple[dict[str, str], dict[str, str]]:
+    """GET each ``/metrics`` URL: ``({url: text}, {url: error})``. Loopback-only is the caller's rule."""
+    texts: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    for url in urls:
+        try:
+            with opener.open(url, timeout=timeout_s) as resp:
+                texts[url] = resp.read().decode("utf-8", "replace")
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            errors[url] = f"{type(e).__name__}: {e}"
+    return texts, errors
+
+
+def _first_present(d: Delta, names: tuple[str, ...], suffix: str) -> tuple[str | None, float | None]:
+    for n in names:
+        v = d.total(n + suffix)
+        if v is not None:
+            return n, v
+    return None, None
+
+
+def flat_from_delta(d: Delta) -> dict[str, Any]:
+    """The flat keys (means per request, totals) from one delta (one URL or all merged)."""
+    out: dict[str, Any] = {}
+    for key, names in HISTOGRAM_MEANS.items():
+        base, s = _first_present(d, names, "_sum")
+        c = d.total(base + "_count") if base else None
+        out[key] = (s / c) if (s is not None and c) else None
+    for key, (names, part) in HISTOGRAM_TOTALS.items():
+        _, v = _first_present(d, names, "_" + part)
+        out[key] = v
+    for key, names in COUNTERS.items():
+        v = None
+        for n in names:
+            v = d.total(n + "_total")
+            if v is None:
+                v = d.total(n)
+            if v is not None:
+                break
+        out[key] = v
+    q, h = out.get("prefix_cache_queries"), out.get("prefix_cache_hits")
+    out["prefix_cache_hit_rate"] = (h / q) if (q and h is not None) else None
+    return out
+
+
+def gauge_max(snapshots: Iterable[dict[SampleKey, float]], names: tuple[str, ...]) -> float | None:
+    """Largest value of a gauge over scrapes and label sets (None if never present)."""
+    best: float | None = None
+    for snap in snapshots:
+        for (n, _labels), v in snap.items():
+            if n in names and not math.isnan(v):
+                best = v if best is None else max(best, v)
+    return best
+
+
+def summarize(before: dict[str, str], after: dict[str, str], during: Iterable[dict[str, str]] = (),
+              errors: dict[str, str] | None = None) -> dict[str, Any]:
+    """Flat telemetry of one window from raw scrape texts keyed by URL.
+
+    Returns the flat keys (:data:`HISTOGRAM_MEANS`, :data:`HISTOGRAM_TOTALS`, :data:`COUNTERS`,
+    ``<gauge>_max``) over all URLs, plus ``by_url`` (the same per URL), ``raw`` (every
+    cumulative sample's delta per URL, NIXL names included), ``counter_resets`` and
+    ``scrape_errors``.
+    """
+    during = list(during)
+    parsed_before = {u: parse_prometheus(t) for u, t in before.items()}
+    parsed_after = {u: parse_prometheus(t) for u, t in after.items()}
+    parsed_during = [{u: parse_prometheus(t) for u, t in snap.items()} for snap in during]
+    merged: dict[SampleKey, float] = {}
+    by_url: dict[str, Any] = {}
+    raw: dict[str, Any] = {}
+    resets: list[str] = []
+    for url, a in parsed_after.items():
+        if url not in parsed_before:
+            continue
+        d = delta(parsed_before[url], a)
+        by_url[url] = flat_from_delta(d)
+        for (n, labels), v in d.values.items():
+            key = (n, (("__url__", url),) + labels)
+            merged[key] = v
+        raw[url] = {_fmt_key(k): v for k, v in sorted(d.values.items())
+                    if _is_cumulative(k[0]) and v != 0 and not k[0].endswith("_bucket")}
+        raw[url]["nixl_buckets"] = {n: d.buckets(n) for n in sorted({k[0][:-7] for k in d.values
+                                                                      if "nixl" in k[0] and k[0].endswith("_bucket")})}
+        resets.extend(f"{url} {n}" for n in sorted(d.resets))
+    flat = flat_from_delta(Delta(merged))
+    all_snaps = [snap for snaps in parsed_during for snap in snaps.values()] + list(parsed_after.values())
+    for key, names in GAUGES.items():
+        flat[f"{key}_max"] = gauge_max(all_snaps, names)
+        for url in by_url:
+            per = [s[url] for s in parsed_during if url in s] + [parsed_after[url]]
+            by_url[url][f"{key}_max"] = gauge_max(per, names)
+    nixl_names = sorted({k[0] for snaps in parsed_after.values() for k in snaps if "nixl" in k[0]})
+    return {**flat, "nixl_metrics_present": nixl_names, "by_url": by_url, "raw": raw,
+            "counter_resets": resets, "scrape_errors": dict(errors or {}), "samples_during": len(during)}
+
+
+def _fmt_key(key: SampleKey) -> str:
+    name, labels = key
+    if not labels:
+        return name
+    return name + "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}"
+
+
+class TelemetryWindow:
+    """Before / during / after scrapes of a set of ``/metrics`` URLs around one window.
+
+    ``sample()`` during the window only fetches text (cheap: parsing waits until ``result()``),
+    so sampling adds no parsing stall to the process that is timing streams.
+    """
+
+    def __init__(self, urls: Iterable[str], *, timeout_s: float = 5.0) -> None:
+        self.urls = list(urls)
+        self.timeout_s = timeout_s
+        self.before: dict[str, str] = {}
+        self.after: dict[str, str] = {}
+        self.during: list[dict[str, str]] = []
+        self.errors: dict[str, str] = {}
+
+    def _scrape(self) -> dict[str, str]:
+        texts, errors = scrape(self.urls, timeout_s=self.timeout_s)
+        self.errors.update(errors)
+        return texts
+
+    def start(self) -> None:
+        if self.urls:
+            self.before = self._scrape()
+
+    def sample(self) -> None:
+        if self.urls:
+            self.during.append(self._scrape())
+
+    def stop(self) -> None:
+        if self.urls:
+            self.after = self._scrape()
+
+    def result(self) -> dict[str, Any]:
+        if not self.urls:
+            return {}
+        return summarize(self.before, self.after, self.during, self.errors)

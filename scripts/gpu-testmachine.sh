@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs the suite on a lent GPU test machine (1-4 H100/H200, no registry; stack staged from
+# ../shared/gpu: vLLM 0.26.0, Ray 2.58.1, NIXL 1.3.1, python3 = the image's torch 2.11).
+# Starts (or reuses) a Ray head for this machine's GPUs, so deployments can outlive one pytest
+# run with --keep-deployments, then runs pytest with the given arguments. Results go to $OUT
+# when set (the device tool copies it back), else reports/.
+#   scripts/gpu-testmachine.sh -m smoke --topology colloc-2xtp1 --model llama-3.1-8b
+#   scripts/gpu-testmachine.sh --stop      # tear the Ray head down
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast here
+export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-/tmp/vllm-cache} RAY_USAGE_STATS_ENABLED=0
+if [ "${1:-}" = "--stop" ]; then ray stop --force >/dev/null 2>&1; exit 0; fi
+if ! pgrep -x raylet >/dev/null; then
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+  cpus=$(( $(nproc) > 8 ? $(nproc) : 8 ))  # logical CPUs: each engine replica takes 2 in Ray's accounting
+  ray start --head --num-gpus "$gpus" --num-cpus "$cpus" --include-dashboard=false \
+    --node-ip-address 127.0.0.1 --disable-usage-stats >/tmp/ray-start.log 2>&1 || { cat /tmp/ray-start.log; exit 1; }
+fi
+stamp=run-$(date +%H%M%S)
+run_dir=reports/$stamp
+python3 -m pytest --ray-address auto --run-dir "$run_dir" -o log_cli=true -o log_cli_level=WARNING "$@"
+rc=$?
+# The device tool returns at most 8 files from $OUT: one archive of the run, one of the baselines.
+if [ -n "${OUT:-}" ]; then
+  [ -d "$run_dir" ] && tar czf "$OUT/$stamp.tgz" -C "$run_dir" .
+  [ -d baselines ] && tar czf "$OUT/$stamp-baselines.tgz" baselines
+fi
+exit $rc
