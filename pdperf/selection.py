@@ -203,10 +203,12 @@ class SessionContext:
         if t.kind != "pd":
             return None
         assert t.decode is not None
+        selected = {s.name for s in self.topologies()}
         candidates = [c for c in self.all_topologies.values()
                       if c.kind == "collocated" and c.device == t.device and c.model == t.model
                       and c.collocated is not None and c.collocated.tp == t.decode.tp]
-        return min(candidates, key=lambda c: (c.gpus, c.name), default=None)
+        # Prefer one this session runs anyway (no extra deployment), then the smallest.
+        return min(candidates, key=lambda c: (c.name not in selected, c.gpus, c.name), default=None)
 
     def model_for(self, t: Topology) -> str:
         return self.model_override if (self.model_override and t.device == "gpu") else t.model

@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast here
 export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-/tmp/vllm-cache} RAY_USAGE_STATS_ENABLED=0
+ray() { "$(dirname "$(command -v python3)")/ray" "$@"; }  # the ray CLI beside the python that has Ray
 if [ "${1:-}" = "--stop" ]; then ray stop --force >/dev/null 2>&1; exit 0; fi
 if ! pgrep -x raylet >/dev/null; then
   gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
