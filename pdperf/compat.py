@@ -62,3 +62,18 @@ def local_logs_dir() -> str | None:
         return node.get_logs_dir_path() if node is not None else None
     except AttributeError:
         return None
+
+
+def serve_run_nowait(app: Any, *, name: str, route_prefix: str) -> None:
+    """Submit a Serve application without waiting for it to be RUNNING.
+
+    ``serve.run`` waits (and raises RuntimeError on DEPLOY_FAILED) in Ray 2.58 and 2.60 alike,
+    which would serialise side-by-side start-ups; ``serve._run(_blocking=False)`` only submits.
+    """
+    from ray import serve
+
+    run = getattr(serve, "_run", None)
+    if run is not None:
+        run(app, _blocking=False, name=name, route_prefix=route_prefix)
+    else:  # pragma: no cover - older Ray
+        serve.run(app, name=name, route_prefix=route_prefix)

@@ -76,7 +76,13 @@ _SCALAR = {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "e2e_ms": e2e_ms, "queue_ms":
 
 
 def samples(records: Iterable[RequestRecord], metric: str) -> np.ndarray:
-    """All samples of ``metric`` over the successful, non-warm-up requests."""
+    """All samples of ``metric`` over the successful, non-warm-up requests.
+
+    ``queue_ms`` also counts requests that failed after they were sent: queueing happened
+    whether or not the request later timed out, and dropping them would flatter overload.
+    """
+    if metric == "queue_ms":
+        return np.asarray([v for v in (queue_ms(r) for r in records if not r.warmup) if v is not None], dtype=float)
     good = [r for r in records if r.ok and not r.warmup]
     if metric == "itl_ms":
         vals: list[float] = []

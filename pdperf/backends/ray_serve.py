@@ -271,15 +271,20 @@ class RayServeDeployment(Deployment):
         self._adopted = False
         if self.keep:
             st = serve.status().applications.get(self.app)
-            if st is not None and st.status.value == "RUNNING":
-                log.warning("topology %s: adopting the running Serve application '%s' (--keep-deployments); "
-                            "drop that option to redeploy it", t.name, self.app)
+            if st is not None and st.status.value in ("RUNNING", "DEPLOYING"):
+                # A kept application (still starting, or serving): wait for it instead of redeploying,
+                # which would start a second set of engines beside the first.
+                log.warning("topology %s: adopting the %s Serve application '%s' (--keep-deployments); "
+                            "drop that option to redeploy it", t.name, st.status.value, self.app)
                 self._adopted = True
                 return
         app = build_app(t, self._model_path, self._placement, self.cluster.local,
                         stream_batching_interval_ms=self.stream_batching_interval_ms)
         self._started = True
-        serve.run(app, name=self.app, route_prefix=f"/{self.app}", blocking=False)
+        try:
+            compat.serve_run_nowait(app, name=self.app, route_prefix=f"/{self.app}")
+        except RuntimeError as e:  # Serve refused or failed the application outright
+            raise DeployError(f"topology {t.name}: Serve could not deploy it: {e}\n{self.log_tail()}") from None
 
     def wait_ready(self, timeout_s: float = 900.0) -> Endpoint:
         from ray import serve

@@ -108,6 +108,7 @@ class VllmProcessDeployment(Deployment):
                 env = dict(os.environ)
                 env.update(engine_env(t, local=True))
                 env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(free_port())
+                env["VLLM_SERVER_DEV_MODE"] = "1"  # exposes /reset_prefix_cache, used between load points
                 if t.device == "gpu":
                     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(next_gpu, next_gpu + r.tp))
                     next_gpu += r.tp

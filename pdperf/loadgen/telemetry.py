@@ -256,6 +256,14 @@ def summarize(before: dict[str, str], after: dict[str, str], during: Iterable[di
             "counter_resets": resets, "scrape_errors": dict(errors or {}), "samples_during": len(during)}
 
 
+_GAUGE_MARKERS = tuple({n.split("_", 1)[1] for names in GAUGES.values() for n in names})
+
+
+def _gauge_lines(text: str) -> str:
+    return "\n".join(line for line in text.splitlines()
+                     if line and line[0] != "#" and any(m in line for m in _GAUGE_MARKERS))
+
+
 def _fmt_key(key: SampleKey) -> str:
     name, labels = key
     if not labels:
@@ -288,8 +296,9 @@ class TelemetryWindow:
             self.before = self._scrape()
 
     def sample(self) -> None:
+        """Keep only the gauge lines of a scrape taken during the window (memory stays small)."""
         if self.urls:
-            self.during.append(self._scrape())
+            self.during.append({u: _gauge_lines(t) for u, t in self._scrape().items()})
 
     def stop(self) -> None:
         if self.urls:

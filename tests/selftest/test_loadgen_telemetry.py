@@ -151,3 +151,12 @@ def test_no_urls_no_telemetry():
     w.sample()
     w.stop()
     assert w.result() == {}
+
+
+def test_samples_during_the_window_keep_only_gauges():
+    from pdperf.loadgen.telemetry import _gauge_lines
+
+    kept = _gauge_lines(AFTER)
+    assert "vllm:kv_cache_usage_perc" in kept and "vllm:num_requests_running" in kept
+    assert "_bucket" not in kept and "# TYPE" not in kept
+    assert len(kept) < len(AFTER) / 20
