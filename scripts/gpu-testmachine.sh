@@ -12,7 +12,11 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast here
 export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-/tmp/vllm-cache} RAY_USAGE_STATS_ENABLED=0
 ray() { "$(dirname "$(command -v python3)")/ray" "$@"; }  # the ray CLI beside the python that has Ray
-if [ "${1:-}" = "--stop" ]; then ray stop --force >/dev/null 2>&1; exit 0; fi
+if [ "${1:-}" = "--stop" ]; then
+  ray stop --force >/dev/null 2>&1
+  pkill -9 -f '^VLLM::' 2>/dev/null  # `ray stop` leaves vLLM's engine-core/worker grandchildren behind
+  exit 0
+fi
 if ! pgrep -x raylet >/dev/null; then
   gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
   cpus=$(( $(nproc) > 8 ? $(nproc) : 8 ))  # logical CPUs: each engine replica takes 2 in Ray's accounting

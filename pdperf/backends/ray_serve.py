@@ -79,12 +79,14 @@ class RayCluster:
         self.http_host = "127.0.0.1"
         self.metrics_port: int | None = None
         self._nodes: list[NodeInfo] | None = None
+        self._preexisting_engines: set[int] = set()
 
     def start(self) -> "RayCluster":
         import ray
         from ray import serve
 
         if self.local:
+            self._preexisting_engines = _engine_pids()
             self.metrics_port = free_port()
             ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                      num_cpus=self.num_cpus or max(8, os.cpu_count() or 1), log_to_driver=False,
@@ -106,6 +108,23 @@ class RayCluster:
             serve.start(http_options={"host": "0.0.0.0"})
             self.http_port = compat.serve_http_port()
         return self
+
+    def _reap_engines(self, timeout_s: float = 30.0) -> list[int]:
+        """vLLM engine processes this session started that outlive Ray's shutdown: wait, then kill."""
+        import psutil
+
+        ours = lambda: _engine_pids() - self._preexisting_engines  # noqa: E731
+        try:
+            poll_until(lambda: True if not ours() else None, what="vLLM engine processes to exit", timeout_s=timeout_s)
+            return []
+        except WaitTimeout:
+            left = sorted(ours())
+            for pid in left:
+                try:
+                    psutil.Process(pid).kill()
+                except psutil.Error:
+                    pass
+            return left
 
     def nodes(self, refresh: bool = False) -> list[NodeInfo]:
         if self._nodes is None or refresh:
@@ -137,8 +156,27 @@ class RayCluster:
                 serve.shutdown()
             finally:
                 ray.shutdown()
+            leftovers = self._reap_engines()
+            if leftovers:
+                raise DeployError(f"teardown: {len(leftovers)} vLLM engine process(es) outlived the local Ray head "
+                                  f"and were killed: {leftovers}")
         else:
             ray.shutdown()  # the cluster and its other applications are someone else's
+
+
+def _engine_pids() -> set[int]:
+    """PIDs of vLLM engine processes on this machine (they name themselves VLLM::EngineCore / VLLM::Worker)."""
+    import psutil
+
+    out = set()
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            cmd = p.info.get("cmdline") or []
+            if (p.info.get("name") or "").startswith("VLLM::") or (cmd and cmd[0].startswith("VLLM::")):
+                out.add(p.pid)
+        except psutil.Error:
+            continue
+    return out
 
 
 def engine_env(t: Topology, local: bool) -> dict[str, str]:

@@ -259,6 +259,25 @@ def _environment(run: RunData) -> str:
             f'<code>hardware_id</code>.</p><table class="kv"><tr><th>key</th><th>value</th></tr>{rows}</table>')
 
 
+def _startups(run: RunData) -> str:
+    """Deployment start-up and teardown per topology (GPU time users pay for), and failures."""
+    rows = run.run.get("startups") or []
+    if not rows:
+        return ""
+    body = []
+    for r in rows:
+        err = r.get("error")
+        restarts = r.get("restarts_at_ready") or 0
+        body.append(
+            f"<tr><td>{escape(str(r.get('topology')))}</td><td>{escape(str(r.get('backend')))}</td>"
+            f"<td>{_num(r.get('startup_s'))}</td><td>{_num(r.get('teardown_s'))}</td>"
+            f"<td>{_flag(f'{restarts} restart(s)') if restarts else '0'}</td>"
+            f"<td>{escape(err) if err else ''}</td></tr>")
+    return ('<h2>Deployments</h2><p class="note">Seconds from submitting a topology to serving (and to torn down); '
+            'replica restarts seen during start-up are flagged.</p><table><tr><th>topology</th><th>backend</th>'
+            '<th>start-up s</th><th>teardown s</th><th>restarts</th><th>error</th></tr>' + "".join(body) + "</table>")
+
+
 def _slo_text(item: Any) -> str:
     if isinstance(item, dict):
         name = item.get("slo") or item.get("metric", "?")
@@ -583,6 +602,7 @@ def render_fragment(run: RunData) -> str:
         _plots(run, summaries),
         _pd_vs_collocated(run, summaries),
         _baseline_section(run),
+        _startups(run),
         _environment(run),
         f'<p class="note">Written by pdperf {escape(__version__)}. Per-point numbers: <code>results.csv</code>; '
         f'raw requests: <code>points/*.json</code>. Metric definitions: docs/METHODOLOGY.md.</p>',
