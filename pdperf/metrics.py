@@ -9,6 +9,9 @@ inside TTFT and E2E and also reported alone as ``queue_ms``.
 - ``itl_ms``   = per-token gaps: a chunk that carries k tokens after a gap g adds k samples
                  of g / k, so multi-token chunks do not masquerade as long stalls
 - ``queue_ms`` = actual send - scheduled send (time the client held the request back)
+- ``chunk_gap_ms`` = gaps between consecutive content chunks, as a reader of the stream sees
+                 them (stutter); unlike ``itl_ms`` it is not divided by the tokens a chunk carries,
+                 so server-side batching of the stream (Ray's stream batching) shows here
 
 Percentiles use linear interpolation between order statistics (numpy's default, as vLLM
 bench does); the p99 interval is a seeded percentile bootstrap.
@@ -23,9 +26,9 @@ import numpy as np
 
 from pdperf.results import RequestRecord
 
-LATENCY_METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "queue_ms")
+LATENCY_METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "chunk_gap_ms", "e2e_ms", "queue_ms")
 PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
-UNITS = {"ttft_ms": "ms", "tpot_ms": "ms", "itl_ms": "ms", "e2e_ms": "ms", "queue_ms": "ms"}
+UNITS = {m: "ms" for m in LATENCY_METRICS}
 # Throughput-like numbers where bigger is better; every latency metric is smaller-is-better.
 HIGHER_IS_BETTER = {"req_per_s", "input_tok_per_s", "output_tok_per_s", "output_tok_per_s_per_gpu",
                     "goodput_req_per_s", "slo_attainment"}
@@ -72,7 +75,14 @@ def itl_ms(r: RequestRecord) -> list[float]:
     return out
 
 
+def chunk_gap_ms(r: RequestRecord) -> list[float]:
+    """Gaps between consecutive content chunks of one request (ms), whatever each chunk carries."""
+    t = r.chunk_times_s
+    return [(t[i] - t[i - 1]) * 1000.0 for i in range(1, len(t))]
+
+
 _SCALAR = {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "e2e_ms": e2e_ms, "queue_ms": queue_ms}
+_PER_GAP = {"itl_ms": itl_ms, "chunk_gap_ms": chunk_gap_ms}
 
 
 def samples(records: Iterable[RequestRecord], metric: str) -> np.ndarray:
@@ -84,10 +94,10 @@ def samples(records: Iterable[RequestRecord], metric: str) -> np.ndarray:
     if metric == "queue_ms":
         return np.asarray([v for v in (queue_ms(r) for r in records if not r.warmup) if v is not None], dtype=float)
     good = [r for r in records if r.ok and not r.warmup]
-    if metric == "itl_ms":
+    if metric in _PER_GAP:
         vals: list[float] = []
         for r in good:
-            vals.extend(itl_ms(r))
+            vals.extend(_PER_GAP[metric](r))
         return np.asarray(vals, dtype=float)
     fn = _SCALAR[metric]
     return np.asarray([v for v in (fn(r) for r in good) if v is not None], dtype=float)

@@ -236,28 +236,24 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_topology(path: Path) -> Topology:
+def _load_spec(path: Path, model: type[_Strict]) -> Any:
     data = load_yaml(path)
     data.setdefault("name", Path(path).stem)
     try:
-        topo = Topology.model_validate(data)
+        spec = model.model_validate(data)
     except ValidationError as e:
         raise SpecError(_format_validation(Path(path), e)) from None
-    if topo.name != Path(path).stem:
-        raise SpecError(f"{path}: name '{topo.name}' differs from the file name; rename one so they match")
-    return topo
+    if spec.name != Path(path).stem:
+        raise SpecError(f"{path}: name '{spec.name}' differs from the file name; rename one so they match")
+    return spec
+
+
+def load_topology(path: Path) -> Topology:
+    return _load_spec(path, Topology)
 
 
 def load_workload(path: Path) -> Workload:
-    data = load_yaml(path)
-    data.setdefault("name", Path(path).stem)
-    try:
-        wl = Workload.model_validate(data)
-    except ValidationError as e:
-        raise SpecError(_format_validation(Path(path), e)) from None
-    if wl.name != Path(path).stem:
-        raise SpecError(f"{path}: name '{wl.name}' differs from the file name; rename one so they match")
-    return wl
+    return _load_spec(path, Workload)
 
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Sets up the embedded CPU stack and runs the suite's tests on it (what CI runs):
-#   1. the harness's own tests, the smoke tier and the CPU sweeps (gated against the committed
-#      CPU baselines) through Ray Serve LLM, in one session so each topology deploys once;
-#   2. the smoke tier through plain `vllm serve` processes (the no-Ray reference backend);
-#   3. the smoke tier against an external URL (a server started by `pdperf serve`).
+#   1. the harness's own tests and the smoke tier through Ray Serve LLM (both CPU topologies up);
+#   2. the CPU sweeps, gated against the committed CPU baselines, one topology up at a time
+#      (--max-alive 1): on 2 cores an idle PD engine's NIXL progress thread spins a core and
+#      would be measured as part of every other topology's latency;
+#   3. the smoke tier through plain `vllm serve` processes (the no-Ray reference backend);
+#   4. the smoke tier against an external URL (a server started by `pdperf serve`).
 # Every pytest run writes its own report folder under reports/.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,13 +19,16 @@ fi
 py=.venv/bin/python
 status=0
 
-echo "== 1/3 selftest + smoke + sweep (backend ray)"
-$py -m pytest -m "selftest or smoke or sweep" "$@" || status=$?
+echo "== 1/4 selftest + smoke (backend ray)"
+$py -m pytest -m "selftest or smoke" "$@" || status=$?
 
-echo "== 2/3 smoke (backend vllm: no Ray)"
+echo "== 2/4 sweeps gated against baselines/ (backend ray, one topology at a time)"
+$py -m pytest -m sweep --max-alive 1 "$@" || status=$?
+
+echo "== 3/4 smoke (backend vllm: no Ray)"
 $py -m pytest -m smoke --backend vllm "$@" || status=$?
 
-echo "== 3/3 smoke (backend external: a URL served by 'pdperf serve')"
+echo "== 4/4 smoke (backend external: a URL served by 'pdperf serve')"
 info=$(mktemp)
 setsid .venv/bin/pdperf serve cpu-colloc-1xtp1 --backend vllm >"$info" 2>"$info.err" &
 serve_pid=$!

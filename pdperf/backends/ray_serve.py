@@ -193,24 +193,30 @@ def engine_env(t: Topology, local: bool) -> dict[str, str]:
     return env
 
 
+def engine_kwargs(t: Topology, role: str, model_path: Path) -> dict[str, Any]:
+    """vLLM engine arguments of one role: the same for the ray and the vllm backend."""
+    r = t.roles()[role]
+    kwargs: dict[str, Any] = {"tensor_parallel_size": r.tp, "max_model_len": t.max_model_len}
+    if t.device == "cpu":
+        kwargs.update({"enforce_eager": True, "dtype": "float32"})
+    if not has_weights(model_path):
+        kwargs["load_format"] = "dummy"
+    if t.kind == "pd":
+        kwargs["kv_transfer_config"] = compat.nixl_kv_transfer_config(role, t.device, t.kv_transport)
+    kwargs.update(t.engine_kwargs)
+    return kwargs
+
+
 def llm_config(t: Topology, role: str, model_path: Path, placement: PlacementPlan, local: bool,
                *, stream_batching_interval_ms: int = 0) -> dict[str, Any]:
     """The LLMConfig (as a dict) for one role of a topology."""
     r = t.roles()[role]
-    engine_kwargs: dict[str, Any] = {"tensor_parallel_size": r.tp, "max_model_len": t.max_model_len}
-    if t.device == "cpu":
-        engine_kwargs.update({"enforce_eager": True, "dtype": "float32"})
-    if not has_weights(model_path):
-        engine_kwargs["load_format"] = "dummy"
-    if t.kind == "pd":
-        engine_kwargs["kv_transfer_config"] = compat.nixl_kv_transfer_config(role, t.device, t.kv_transport)
-    engine_kwargs.update(t.engine_kwargs)
     experimental: dict[str, Any] = {"stream_batching_interval_ms": stream_batching_interval_ms}
     if t.kind == "pd":
         experimental["_prewarm_prefill_decode"] = True
     return {
         "model_loading_config": {"model_id": t.name, "model_source": str(model_path)},
-        "engine_kwargs": engine_kwargs,
+        "engine_kwargs": engine_kwargs(t, role, model_path),
         "deployment_config": {"num_replicas": r.replicas},
         "placement_group_config": placement.roles[role].placement_group_config,
         "experimental_configs": experimental,

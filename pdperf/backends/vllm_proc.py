@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pdperf import compat
 from pdperf.backends.base import Deployment, Endpoint, kill_process_group, tail_file
-from pdperf.backends.ray_serve import engine_env
+from pdperf.backends.ray_serve import engine_env, engine_kwargs
 from pdperf.errors import ClusterError, DeployError
-from pdperf.models import ensure_model, has_weights
+from pdperf.models import ensure_model
 from pdperf.specs import Topology
 from pdperf.waiting import WaitTimeout, free_port, poll_until
 
@@ -112,15 +111,7 @@ class VllmProcessDeployment(Deployment):
                 if t.device == "gpu":
                     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(next_gpu, next_gpu + r.tp))
                     next_gpu += r.tp
-                kwargs: dict[str, Any] = {"tensor_parallel_size": r.tp, "max_model_len": t.max_model_len,
-                                          "served_model_name": t.name}
-                if t.device == "cpu":
-                    kwargs.update({"enforce_eager": True, "dtype": "float32"})
-                if not has_weights(model_path):
-                    kwargs["load_format"] = "dummy"
-                if t.kind == "pd":
-                    kwargs["kv_transfer_config"] = compat.nixl_kv_transfer_config(role, t.device, t.kv_transport)
-                kwargs.update(t.engine_kwargs)
+                kwargs = {"served_model_name": t.name, **engine_kwargs(t, role, model_path)}
                 cmd = vllm_cli() + ["serve", str(model_path), "--host", "127.0.0.1", "--port", str(port)] + _flags(kwargs)
                 engines.setdefault(role, []).append(self._spawn(f"{role}{i}", cmd, env, f"http://127.0.0.1:{port}"))
         front: _Proc | None = None

@@ -469,7 +469,6 @@ def assemble_point(*, workload: Workload, point: float, topology: str, gpus: int
         stats.merge(o.stats)
     cpu_s = sum(o.cpu_s for o in outcomes) + parent_cpu_s
     tokens = sum(r.output_tokens for r in measured)
-    n_proc = max(len(outcomes), 1)
     lags = [o.loop_lag for o in outcomes]
     lag_p99 = max((x["loop_lag_p99_ms"] for x in lags if x.get("loop_lag_p99_ms") is not None), default=None)
     lag_max = max((x["loop_lag_max_ms"] for x in lags if x.get("loop_lag_max_ms") is not None), default=None)
