@@ -40,6 +40,7 @@ def main() -> int:
     ap.add_argument("--point", type=float, default=1)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--injected-ms", type=int, default=50, help="stream batching interval of the injected regression")
+    ap.add_argument("--save-points", type=Path, default=None, help="folder to keep each run's PointResult in")
     ap.add_argument("--json", type=Path, default=None, help="also write the per-run verdicts here")
     args = ap.parse_args()
 
@@ -62,6 +63,10 @@ def main() -> int:
                                        workload=workload, point=args.point, topology=topo.name, gpus=0,
                                        metrics_urls=ep.metrics_urls, environment=dict(env))
                     gate = gate_point(ROOT / "baselines", result, thresholds)
+                    if args.save_points:  # keep the raw points: a changed gate can be re-judged offline
+                        from pdperf.results import save_point
+
+                        save_point(args.save_points / f"{label}-{i}.json", result)
                     m = result.summary["metrics"]
                     row = {"case": label, "stream_batching_ms": batching_ms, "run": i, "status": gate.status,
                            "ttft_p50_ms": m["ttft_ms"]["p50"], "tpot_p50_ms": m["tpot_ms"]["p50"],
