@@ -210,10 +210,12 @@ def test_repo_sweep_ids_are_unique_and_carry_coordinates(nodes):
         assert re.fullmatch(r"[a-z0-9.\-]+/[a-z0-9.\-]+/(c\d+|r[0-9.e+\-]+)", case_id), case_id
 
 
-def test_repo_cpu_sweep_covers_the_pd_topology_and_not_the_smoke_workload():
+def test_repo_cpu_sweep_gates_collocated_only_and_not_the_smoke_workload():
+    # PD on 2 CPU cores runs ~6 min a point: CI's gated CPU sweeps cover the collocated topology;
+    # PD is covered on CPU by the smoke tier (docs/EXPERIMENTS.md).
     ctx = repo_ctx(CPU_ONLY)
     cases = ctx.sweep_cases()
-    assert any(c.id.startswith("cpu-pd-1p1-1d1/") for c in cases)
+    assert cases and all(c.id.startswith("cpu-colloc-1xtp1/") for c in cases)
     assert not [c.id for c in cases if c.workload.tier != "sweep"]
 
 
