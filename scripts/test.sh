@@ -4,8 +4,9 @@
 #   2. the CPU sweeps, gated against the committed CPU baselines, one topology up at a time
 #      (--max-alive 1): on 2 cores an idle PD engine's NIXL progress thread spins a core and
 #      would be measured as part of every other topology's latency;
-#   3. the smoke tier through plain `vllm serve` processes (the no-Ray reference backend);
-#   4. the smoke tier against an external URL (a server started by `pdperf serve`).
+# scripts/test-backends.sh runs the smoke tier through the other two backends (plain `vllm serve`
+# + proxy, and an external URL); it is not in CI yet (see docs/EXPERIMENTS.md: the no-Ray PD
+# path on 2 cores decodes at ~1.5 tokens/s with KV lease expiries).
 # Every pytest run writes its own report folder under reports/.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,34 +20,10 @@ fi
 py=.venv/bin/python
 status=0
 
-echo "== 1/4 selftest + smoke (backend ray)"
+echo "== 1/2 selftest + smoke (backend ray)"
 $py -m pytest -m "selftest or smoke" "$@" || status=$?
 
-echo "== 2/4 sweeps gated against baselines/ (backend ray, one topology at a time)"
+echo "== 2/2 sweeps gated against baselines/ (backend ray, one topology at a time)"
 $py -m pytest -m sweep --max-alive 1 "$@" || status=$?
 
-echo "== 3/4 smoke (backend vllm: no Ray)"
-$py -m pytest -m smoke --backend vllm "$@" || status=$?
-
-echo "== 4/4 smoke (backend external: a URL served by 'pdperf serve')"
-info=$(mktemp)
-setsid .venv/bin/pdperf serve cpu-colloc-1xtp1 --backend vllm >"$info" 2>"$info.err" &
-serve_pid=$!
-cleanup() { kill -TERM -- -"$serve_pid" 2>/dev/null || true; wait "$serve_pid" 2>/dev/null || true; rm -f "$info" "$info.err"; }
-trap cleanup EXIT
-url=$($py - "$info" "$serve_pid" <<'PY'
-import json, os, sys
-from pdperf.waiting import poll_until
-path, pid = sys.argv[1], int(sys.argv[2])
-def ready():
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        raise SystemExit("pdperf serve exited before serving; see its log above")
-    lines = [l for l in open(path).read().splitlines() if l.startswith("{")]
-    return json.loads(lines[0])["url"] if lines else None
-print(poll_until(ready, what="pdperf serve to print its URL", timeout_s=900, interval_s=1))
-PY
-) || { cat "$info.err" >&2; exit 1; }
-$py -m pytest -m smoke --backend external --external-url "$url" --tokenizer tiny-llama "$@" || status=$?
 exit $status
