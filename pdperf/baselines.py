@@ -75,14 +75,11 @@ def _check_statistic(statistic: str) -> str:
     return statistic
 
 
-class Gate(_Strict):
-    """One gated number: ``statistic`` of ``metric`` may not get worse by more than ``max_change``."""
+class _MetricStatistic(_Strict):
+    """A metric with per-request samples and a statistic of them (shared by gates and overrides)."""
 
     metric: str
     statistic: str
-    max_change: float = Field(gt=0, description="relative limit: 0.25 lets lower-is-better grow to x1.25")
-    direction: Direction
-    min_samples: int | None = Field(None, ge=2)
 
     @field_validator("metric")
     @classmethod
@@ -93,6 +90,16 @@ class Gate(_Strict):
     @classmethod
     def _statistic_known(cls, v: str) -> str:
         return _check_statistic(v)
+
+
+class Gate(_MetricStatistic):
+    """One gated number: ``statistic`` of ``metric`` may not get worse by more than ``max_change``."""
+
+    metric: str
+    statistic: str
+    max_change: float = Field(gt=0, description="relative limit: 0.25 lets lower-is-better grow to x1.25")
+    direction: Direction
+    min_samples: int | None = Field(None, ge=2)
 
     @model_validator(mode="after")
     def _direction_matches_metric(self) -> "Gate":
@@ -107,7 +114,7 @@ class Gate(_Strict):
         return f"{self.statistic} {self.metric}"
 
 
-class GateOverride(_Strict):
+class GateOverride(_MetricStatistic):
     """A per-hardware change to the default gate with the same metric and statistic."""
 
     metric: str
@@ -116,16 +123,6 @@ class GateOverride(_Strict):
     direction: Direction | None = None
     min_samples: int | None = Field(None, ge=2)
     enabled: bool = True
-
-    @field_validator("metric")
-    @classmethod
-    def _metric_known(cls, v: str) -> str:
-        return _check_metric(v)
-
-    @field_validator("statistic")
-    @classmethod
-    def _statistic_known(cls, v: str) -> str:
-        return _check_statistic(v)
 
 
 class HardwareOverride(_Strict):
