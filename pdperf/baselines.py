@@ -548,8 +548,8 @@ def compare_point(current: PointResult, baseline_entry: dict[str, Any] | None, b
                   thresholds: Thresholds | ResolvedThresholds, *, allow_cross_hardware: bool = False) -> GateResult:
     """Gate one point against its baseline entry (a ``points[point_id]`` value of a baseline file).
 
-    Status "incomparable" when the hardware_id differs (unless ``allow_cross_hardware``, for
-    ad-hoc comparisons), "missing" when there is no entry; otherwise the worst verdict.
+    Status "incomparable" when the hardware_id or the backend differs (unless
+    ``allow_cross_hardware``, for ad-hoc comparisons), "missing" when there is no entry; otherwise the worst verdict.
     """
     hw = hardware_id_of(current.environment)
     base_hw = hardware_id_of(baseline_env)
@@ -566,6 +566,15 @@ def compare_point(current: PointResult, baseline_entry: dict[str, Any] | None, b
         if not allow_cross_hardware:
             result.status = "incomparable"
             result.reason = reason + " (record a baseline on this hardware with --update-baselines)"
+            return result
+        result.notes.append(reason)
+    backend, base_backend = current.environment.get("backend"), baseline_env.get("backend")
+    if backend and base_backend and backend != base_backend:
+        reason = (f"backend differs: current '{backend}', baseline '{base_backend}'; a baseline gates only the "
+                  "backend that recorded it")
+        if not allow_cross_hardware:
+            result.status = "incomparable"
+            result.reason = reason + " (compare the two runs with `pdperf compare` instead)"
             return result
         result.notes.append(reason)
     result.notes.extend(f"environment differs: {d}" for d in _env_differences(current.environment, baseline_env))

@@ -75,6 +75,12 @@ def _engines(role: Role) -> list[int]:
     return [role.tp] * role.replicas
 
 
+def logical_cpus(t: Topology) -> int:
+    """Ray logical CPUs a GPU topology reserves: one per ingress replica (Serve's default), and per
+    engine one per GPU bundle plus one for the replica actor (Ray LLM adds it to the first bundle)."""
+    return t.ingress_replicas + sum(r.replicas * (r.tp + 1) for r in t.roles().values())
+
+
 def plan(topology: Topology, nodes: list[NodeInfo]) -> PlacementPlan:
     t = topology
     roles = t.roles()
@@ -92,6 +98,11 @@ def plan(topology: Topology, nodes: list[NodeInfo]) -> PlacementPlan:
     if total < t.gpus:
         return infeasible(f"needs {t.gpus} GPUs, the cluster has {total}"
                           + (f" on {len(gpu_nodes)} node(s)" if gpu_nodes else " (no GPU node)"))
+    need_cpus, have_cpus = logical_cpus(t), sum(n.cpus for n in nodes)
+    if have_cpus < need_cpus:
+        return infeasible(f"needs {need_cpus} Ray logical CPUs ({t.ingress_replicas} ingress replica(s) and "
+                          f"{t.engines} engine(s)), the cluster has {have_cpus:g}: start Ray with more --num-cpus "
+                          "(logical CPUs are accounting only) or lower ingress_replicas")
     biggest = max(n.gpus for n in gpu_nodes)
     widest_tp = max(r.tp for r in roles.values())
     if widest_tp > biggest:

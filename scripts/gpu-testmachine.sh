@@ -6,6 +6,8 @@
 # when set (the device tool copies it back), else reports/.
 #   scripts/gpu-testmachine.sh -m smoke --topology colloc-2xtp1 --model llama-3.1-8b
 #   scripts/gpu-testmachine.sh --stop      # tear the Ray head down
+# PDPERF_CALL_BUDGET_S (default 550) stops pytest with SIGINT (a clean interrupt: reports are
+# written, kept deployments stay up) before the device tool's 600 s limit kills everything.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -19,14 +21,18 @@ if [ "${1:-}" = "--stop" ]; then
 fi
 if ! pgrep -x raylet >/dev/null; then
   gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
-  cpus=$(( $(nproc) > 8 ? $(nproc) : 8 ))  # logical CPUs: each engine replica takes 2 in Ray's accounting
+  # Logical CPUs are Ray's accounting only: each ingress replica reserves 1 and each engine
+  # TP+1, so two 8-ingress apps on a 16-core box need more than nproc (placement.logical_cpus).
+  cpus=$(( $(nproc) * 4 > 32 ? $(nproc) * 4 : 32 ))
   ray start --head --num-gpus "$gpus" --num-cpus "$cpus" --include-dashboard=false \
     --node-ip-address 127.0.0.1 --disable-usage-stats >/tmp/ray-start.log 2>&1 || { cat /tmp/ray-start.log; exit 1; }
 fi
 stamp=run-$(date +%H%M%S)
 run_dir=reports/$stamp
-python3 -m pytest --ray-address auto --run-dir "$run_dir" -o log_cli=true -o log_cli_level=WARNING "$@"
+timeout -s INT -k 30 "${PDPERF_CALL_BUDGET_S:-550}" \
+  python3 -m pytest --ray-address auto --run-dir "$run_dir" -o log_cli=true -o log_cli_level=WARNING "$@"
 rc=$?
+[ $rc = 124 ] && echo "gpu-testmachine: pytest stopped after ${PDPERF_CALL_BUDGET_S:-550} s (PDPERF_CALL_BUDGET_S)"
 # The device tool returns at most 8 files from $OUT: one archive of the run, one of the baselines.
 if [ -n "${OUT:-}" ]; then
   [ -d "$run_dir" ] && tar czf "$OUT/$stamp.tgz" -C "$run_dir" .

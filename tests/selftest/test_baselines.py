@@ -194,6 +194,16 @@ def test_different_hardware_is_refused_naming_both(thresholds):
     assert g.status == "unchanged" and any("hardware differs" in n for n in g.notes)
 
 
+def test_different_backend_is_refused(thresholds):
+    base, cur = point(seed=1), point(seed=2)
+    base.environment["backend"], cur.environment["backend"] = "ray", "vllm"
+    g = compare_point(cur, entry_of(base), base.environment, thresholds)
+    assert g.status == "incomparable" and not g.verdicts
+    assert "backend differs: current 'vllm', baseline 'ray'" in g.reason
+    g = compare_point(cur, entry_of(base), base.environment, thresholds, allow_cross_hardware=True)
+    assert g.status == "unchanged" and any("backend differs" in n for n in g.notes)
+
+
 def test_2x_tpot_regression_is_caught_with_cpu_thresholds(thresholds):
     base, cur = point(seed=1, tpot_ms=10), point(seed=2, tpot_ms=20)
     g = compare_point(cur, entry_of(base), base.environment, thresholds)

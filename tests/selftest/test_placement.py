@@ -218,3 +218,14 @@ def test_cpu_needs_a_cpu_slot_per_engine():
     p = plan(pd("cpu-pd-1p1-1d1", 1, 1, device="cpu"), [tiny])
     assert not p.feasible
     assert "needs 2 CPU slots" in p.reason
+
+
+def test_gpu_counts_ingress_and_engine_logical_cpus():
+    # 8 ingress replicas + 2 engines x (1 GPU bundle + 1 replica actor) = 12 logical CPUs.
+    t = colloc("colloc-2xtp1", 1, replicas=2, ingress_replicas=8)
+    node = NodeInfo(node_id="n", ip="10.0.0.1", gpus=4, cpus=11.0, gpu_model="H100")
+    p = plan(t, [node])
+    assert not p.feasible
+    assert "needs 12 Ray logical CPUs (8 ingress replica(s) and 2 engine(s)), the cluster has 11" in p.reason
+    assert "--num-cpus" in p.reason
+    assert plan(t, [NodeInfo(node_id="n", ip="10.0.0.1", gpus=4, cpus=12.0, gpu_model="H100")]).feasible
