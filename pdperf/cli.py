@@ -4,6 +4,7 @@
 - ``pdperf query URL``        one streamed request: TTFT and per-token timing
 - ``pdperf validate``         check every topology and workload file
 - ``pdperf plan TOPOLOGY``    show where a topology's engines would go on this cluster
+- ``pdperf diagnose``         why a deployment is not ready (Serve, placement groups, replica logs)
 - ``pdperf report RUN_DIR``   rebuild a run's report; ``pdperf compare A B`` compares runs
 
 User mistakes end with one ``error:`` line and exit code 2, never a traceback.
@@ -105,6 +106,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if p.feasible else 1
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from pdperf.backends.ray_serve import _check_gcs_reachable
+    from pdperf.diagnose import main as diagnose
+
+    try:
+        _check_gcs_reachable(args.ray_address)
+    except ConnectionError as e:
+        raise PdperfError(f"--ray-address {args.ray_address}: {e}; is Ray running (`ray status`)?") from None
+    print(diagnose(args.ray_address, args.lines), end="")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pdperf.report import build_report
 
@@ -136,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("topology")
     p.add_argument("--ray-address", default=None)
     p.set_defaults(fn=cmd_plan)
+    d = sub.add_parser("diagnose", help="why is a deployment not ready: Serve, placement groups, replica logs, GPUs")
+    d.add_argument("--ray-address", default="auto")
+    d.add_argument("--lines", type=int, default=40, help="log lines per replica and of the Serve controller")
+    d.set_defaults(fn=cmd_diagnose)
     r = sub.add_parser("report", help="rebuild a run folder's report")
     r.add_argument("run_dir")
     r.set_defaults(fn=cmd_report)

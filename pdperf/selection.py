@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pdperf.backends.base import Deployment
 from pdperf.cluster import ClusterShape, NodeInfo, detect_efa, local_cpu
 from pdperf.errors import ClusterError, SpecError
@@ -59,6 +61,30 @@ def local_nodes(sysfs: Path = Path("/sys")) -> list[NodeInfo]:
                      efa_devices=len(detect_efa(sysfs)), is_head=True)]
 
 
+def parse_engine_args(items: list[str]) -> dict[str, Any]:
+    """``--engine-arg KEY=VALUE`` items as a dict; VALUE is parsed as YAML (true, 128, {level: 0})."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise SpecError(f"--engine-arg {item!r}: expected KEY=VALUE with a vLLM engine argument name as KEY, "
+                            "e.g. --engine-arg enforce_eager=true")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise SpecError(f"--engine-arg {item!r}: VALUE is not valid YAML ({str(e).splitlines()[0]}); quote it, "
+                            "e.g. --engine-arg 'compilation_config={level: 0}'") from None
+    return out
+
+
+def with_engine_overrides(t: Topology, overrides: dict[str, Any]) -> Topology:
+    """The topology with ``overrides`` laid over its engine_kwargs (the topology itself if none)."""
+    if not overrides:
+        return t
+    return t.model_copy(update={"engine_kwargs": {**t.engine_kwargs, **overrides}})
+
+
 @dataclass
 class SessionContext:
     backend: str
@@ -74,6 +100,7 @@ class SessionContext:
     max_alive: int = 2
     requests_scale: float = 1.0
     stream_batching_ms: int = 0
+    engine_overrides: dict[str, Any] = field(default_factory=dict)
     keep_deployments: bool = False
     prestart: bool = True
     planned: list[Topology] = field(default_factory=list)
@@ -91,10 +118,12 @@ class SessionContext:
                   tokenizer=opt.tokenizer, deploy_timeout_s=opt.deploy_timeout, max_alive=opt.max_alive,
                   requests_scale=opt.requests_scale, stream_batching_ms=opt.stream_batching_ms,
                   keep_deployments=getattr(opt, "keep_deployments", False),
-                  prestart=not getattr(opt, "no_prestart", False))
+                  prestart=not getattr(opt, "no_prestart", False),
+                  engine_overrides=parse_engine_args(getattr(opt, "engine_arg", None) or []))
         if ctx.keep_deployments and not ctx.ray_address:
             raise SpecError("--keep-deployments needs --ray-address: a local Ray head ends with the session")
-        ctx.all_topologies = all_topologies(root / "topologies")
+        ctx.all_topologies = {n: with_engine_overrides(t, ctx.engine_overrides)
+                              for n, t in all_topologies(root / "topologies").items()}
         ctx.all_workloads = all_workloads(root / "workloads")
         unknown = [p for p in ctx.topology_patterns if not any(fnmatch.fnmatchcase(n, p) for n in ctx.all_topologies)]
         if unknown and ctx.backend != "external":

@@ -20,20 +20,48 @@ class WaitTimeout(TimeoutError):
 
 
 def poll_until(probe: Callable[[], T | None], *, what: str, timeout_s: float, interval_s: float = 0.5,
-               max_interval_s: float = 5.0, describe: Callable[[], str] | None = None) -> T:
-    """Call ``probe`` until it returns non-None; back off from ``interval_s`` to ``max_interval_s``."""
-    deadline = time.monotonic() + timeout_s
+               max_interval_s: float = 5.0, describe: Callable[[], str] | None = None,
+               progress: Callable[[str], None] | None = None, progress_every_s: float = 60.0) -> T:
+    """Call ``probe`` until it returns non-None; back off from ``interval_s`` to ``max_interval_s``.
+
+    With ``describe`` and ``progress``, every change of the described state (and the state at
+    least every ``progress_every_s``) is passed to ``progress`` as one line with the seconds
+    waited, so a long wait shows where it stands; an interrupt (Ctrl-C, a CI time limit) also
+    reports the last state before it propagates.
+    """
+    start = time.monotonic()
+    deadline = start + timeout_s
     delay = interval_s
-    while True:
-        value = probe()
-        if value is not None:
-            return value
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            state = f"; last state: {describe()}" if describe else ""
-            raise WaitTimeout(f"timed out after {timeout_s:g} s waiting for {what}{state}")
-        time.sleep(min(delay, remaining))  # a poll interval, not a readiness guess
-        delay = min(delay * 1.5, max_interval_s)
+    last_state, last_report = None, start
+
+    def report(force: bool = False, prefix: str = "") -> None:
+        nonlocal last_state, last_report
+        if describe is None or progress is None:
+            return
+        state = describe()
+        now = time.monotonic()
+        if force or state != last_state or now - last_report >= progress_every_s:
+            progress(f"{prefix}waiting {now - start:.0f} s for {what}: {state}")
+            last_state, last_report = state, now
+
+    try:
+        while True:
+            value = probe()
+            if value is not None:
+                return value
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                state = f"; last state: {describe()}" if describe else ""
+                raise WaitTimeout(f"timed out after {timeout_s:g} s waiting for {what}{state}")
+            report()
+            time.sleep(min(delay, remaining))  # a poll interval, not a readiness guess
+            delay = min(delay * 1.5, max_interval_s)
+    except KeyboardInterrupt:
+        try:
+            report(force=True, prefix="interrupted after ")
+        except Exception:  # noqa: BLE001 - the interrupt matters more than a failed last look
+            pass
+        raise
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -33,8 +33,10 @@ timeout -s INT -k 30 "${PDPERF_CALL_BUDGET_S:-550}" \
   python3 -m pytest --ray-address auto --run-dir "$run_dir" -o log_cli=true -o log_cli_level=WARNING "$@"
 rc=$?
 [ $rc = 124 ] && echo "gpu-testmachine: pytest stopped after ${PDPERF_CALL_BUDGET_S:-550} s (PDPERF_CALL_BUDGET_S)"
-# The device tool returns at most 8 files from $OUT: one archive of the run, one of the baselines.
+# The device tool returns at most 8 files from $OUT: one archive of the run, one of the baselines,
+# and the cluster's state (Serve, placement groups, replica logs, GPUs) as the run left it.
 if [ -n "${OUT:-}" ]; then
+  pgrep -x raylet >/dev/null && timeout 120 python3 -m pdperf.cli diagnose --lines 60 > "$OUT/$stamp-diag.txt" 2>&1
   [ -d "$run_dir" ] && tar czf "$OUT/$stamp.tgz" -C "$run_dir" .
   [ -d baselines ] && tar czf "$OUT/$stamp-baselines.tgz" baselines
 fi

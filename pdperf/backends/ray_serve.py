@@ -35,6 +35,7 @@ from pdperf.specs import Topology
 from pdperf.waiting import WaitTimeout, free_port, poll_until
 
 log = logging.getLogger(__name__)
+PROGRESS = logging.getLogger("pdperf.progress")  # shown on the terminal during long waits (fixtures/session.py)
 
 LOOPBACK_ENV = {
     "VLLM_HOST_IP": "127.0.0.1",
@@ -299,7 +300,17 @@ class RayServeDeployment(Deployment):
             return "application not yet known to Serve"
         parts = [f"app {st.status.value}" + (f" ({st.message})" if st.message else "")]
         for name, d in st.deployments.items():
-            parts.append(f"{name}: {d.status.value} replicas {dict(d.replica_states)}" + (f" {d.message[:300]}" if d.message else ""))
+            msg = " ".join(d.message.split())[:300] if d.message else ""
+            parts.append(f"{name}: {d.status.value} replicas {dict(d.replica_states)}" + (f" {msg}" if msg else ""))
+        try:
+            pending = [p for p in compat.placement_groups()
+                       if p.get("state") in ("PENDING", "RESCHEDULING") and f"{self.app}#" in (p.get("name") or "")]
+        except Exception:  # noqa: BLE001 - a status line must not fail the wait it describes
+            pending = []
+        if pending:
+            bundles = list((pending[0].get("bundles") or {}).values())
+            parts.append(f"{len(pending)} placement group(s) not yet placed, e.g. bundles {bundles} "
+                         f"({pending[0].get('strategy', '')}): the cluster lacks these resources now")
         return "; ".join(parts)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -345,22 +356,32 @@ class RayServeDeployment(Deployment):
                 raise DeployError(f"topology {t.name}: Serve reports {self._status_text()}\n{self.log_tail()}")
             return True if st.status.value == "RUNNING" else None
 
+        last_answer = ["no answer yet"]
+
         def models_answer() -> bool | None:
             try:
                 with urllib.request.urlopen(f"{base}/v1/models", timeout=10) as resp:
                     ids = [m["id"] for m in json.load(resp).get("data", [])]
+                    last_answer[0] = f"lists {ids}"
                     return True if t.name in ids else None
-            except (urllib.error.URLError, OSError, ValueError):
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                last_answer[0] = f"{type(e).__name__}: {getattr(e, 'reason', None) or e}"
                 return None
+
+        def progress(line: str) -> None:
+            PROGRESS.info("topology %s: %s", t.name, line)
 
         try:
             poll_until(app_running, what=f"Serve application '{self.app}' to be RUNNING", timeout_s=timeout_s,
-                       interval_s=1.0, describe=self._status_text)
+                       interval_s=1.0, describe=self._status_text, progress=progress)
             remaining = max(30.0, timeout_s - (time.monotonic() - t0))
-            poll_until(models_answer, what=f"{base}/v1/models to list '{t.name}'", timeout_s=remaining)
+            poll_until(models_answer, what=f"{base}/v1/models to list '{t.name}'", timeout_s=remaining,
+                       describe=lambda: last_answer[0], progress=progress)
         except WaitTimeout as e:
             raise DeployError(f"topology {t.name}: {e}\n{self.log_tail()}") from None
         startup_s = 0.0 if self._adopted else time.monotonic() - t0
+        PROGRESS.info("topology %s: ready after %.0f s%s", t.name, time.monotonic() - t0,
+                      " (adopted a kept application)" if self._adopted else "")
         restarts = self.restarts()
         if restarts:
             log.warning("topology %s: %d replica restart(s) during start-up", t.name, restarts)

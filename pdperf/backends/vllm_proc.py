@@ -10,6 +10,7 @@ Readiness races every engine's ``/health`` against its process exiting.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -27,6 +28,8 @@ from pdperf.errors import ClusterError, DeployError
 from pdperf.models import ensure_model
 from pdperf.specs import Topology
 from pdperf.waiting import WaitTimeout, free_port, poll_until
+
+PROGRESS = logging.getLogger("pdperf.progress")  # shown on the terminal during long waits (fixtures/session.py)
 
 
 @dataclass
@@ -90,6 +93,14 @@ class VllmProcessDeployment(Deployment):
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(f"--- {p.name} ({p.log_path}) last lines:\n{tail_file(p.log_path, n)}" for p in self.procs)
 
+    def _last_lines(self) -> str:
+        """Each engine's newest log line: where its start-up stands (loading, compiling, capturing graphs)."""
+        parts = []
+        for p in self.procs:
+            lines = [ln.strip() for ln in tail_file(p.log_path, 5).splitlines() if ln.strip()]
+            parts.append(f"{p.name}: {lines[-1][-200:] if lines else '(no output yet)'}")
+        return "; ".join(parts)
+
     def launch(self) -> None:
         t = self.topology
         if t.nodes_needed > 1:
@@ -145,9 +156,11 @@ class VllmProcessDeployment(Deployment):
 
         try:
             poll_until(all_healthy, what=f"/health of {', '.join(p.name for p in self.procs)}", timeout_s=timeout_s,
-                       interval_s=1.0)
+                       interval_s=1.0, describe=self._last_lines,
+                       progress=lambda line: PROGRESS.info("topology %s: %s", t.name, line))
         except WaitTimeout as e:
             raise DeployError(f"topology {t.name}: {e}\n{self.log_tail()}") from None
+        PROGRESS.info("topology %s: ready after %.0f s", t.name, time.monotonic() - t0)
         base = (front or all_engines[0]).url
         return Endpoint(topology=t, backend=self.backend, base_url=base, model_id=t.name, tokenizer_path=model_path,
                         metrics_urls=[p.url + "/metrics" for p in all_engines], startup_s=time.monotonic() - t0,

@@ -256,3 +256,25 @@ def test_external_backend_serves_one_stand_in_topology():
     topologies = ctx.topologies()
     assert [t.name for t in topologies] == ["external"]
     assert ctx.skip_reason(topologies[0]) is None
+
+
+# -- --engine-arg ------------------------------------------------------------------------------
+
+def test_engine_args_lay_over_every_topology():
+    ctx = repo_ctx(ONE_X8, engine_arg=["enforce_eager=true", "max_num_seqs=128",
+                                       "compilation_config={level: 0}"])
+    assert ctx.engine_overrides == {"enforce_eager": True, "max_num_seqs": 128, "compilation_config": {"level": 0}}
+    t = ctx.all_topologies["colloc-2xtp1"]
+    assert t.engine_kwargs["enforce_eager"] is True and t.engine_kwargs["compilation_config"] == {"level": 0}
+    from pdperf.backends.ray_serve import engine_kwargs
+    kw = engine_kwargs(t, "collocated", ROOT / "nowhere")
+    assert kw["max_num_seqs"] == 128 and kw["tensor_parallel_size"] == 1
+    assert repo_ctx(ONE_X8).all_topologies["colloc-2xtp1"].engine_kwargs == {}
+
+
+@pytest.mark.parametrize("bad,needle", [("enforce_eager", "expected KEY=VALUE"), ("=1", "expected KEY=VALUE"),
+                                        ("x={a: [", "not valid YAML")])
+def test_bad_engine_arg_names_the_fix(bad, needle):
+    with pytest.raises(SpecError, match=re.escape(needle)) as e:
+        repo_ctx(ONE_X8, engine_arg=[bad])
+    assert "--engine-arg" in str(e.value)

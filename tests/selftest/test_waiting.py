@@ -130,3 +130,34 @@ def test_free_port_is_bindable():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", port))
         s.listen()
+
+
+def test_progress_reports_each_change_and_a_heartbeat(clock):
+    states = iter(["DEPLOYING", "DEPLOYING", "DEPLOYING", "RUNNING?"] + ["RUNNING?"] * 100)
+    lines: list[str] = []
+    probe = probe_sequence(*([None] * 40), True)
+    poll_until(probe, what="app", timeout_s=600, interval_s=1.0, describe=lambda: next(states),
+               progress=lines.append, progress_every_s=60)
+    assert lines[0] == "waiting 0 s for app: DEPLOYING"
+    assert "RUNNING?" in lines[1] and "DEPLOYING" not in lines[1]
+    # the later lines are heartbeats of an unchanged state, at least 60 s apart
+    assert len(lines) >= 3 and all("RUNNING?" in ln for ln in lines[2:])
+
+
+def test_interrupt_reports_the_last_state_then_propagates(clock):
+    lines: list[str] = []
+
+    def probe():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        poll_until(probe, what="app", timeout_s=60, describe=lambda: "app DEPLOYING; 1 placement group(s) not yet "
+                   "placed", progress=lines.append)
+    assert lines == ["interrupted after waiting 0 s for app: app DEPLOYING; 1 placement group(s) not yet placed"]
+
+
+def test_without_progress_describe_is_only_used_on_timeout(clock):
+    calls = []
+    with pytest.raises(WaitTimeout, match="last state: s"):
+        poll_until(lambda: None, what="x", timeout_s=5, describe=lambda: calls.append(1) or "s")
+    assert len(calls) == 1
