@@ -560,21 +560,21 @@ def compare_point(current: PointResult, baseline_entry: dict[str, Any] | None, b
         result.status = "missing"
         result.reason = (f"no baseline for {current.id} on hardware '{hw}'; record one with --update-baselines")
         return result
-    if hw is None or base_hw is None or hw != base_hw:
-        reason = (f"hardware differs: current '{hw or 'unknown'}', baseline '{base_hw or 'unknown'}'; baselines "
-                  "compare only within one hardware_id")
-        if not allow_cross_hardware:
-            result.status = "incomparable"
-            result.reason = reason + " (record a baseline on this hardware with --update-baselines)"
-            return result
-        result.notes.append(reason)
     backend, base_backend = current.environment.get("backend"), baseline_env.get("backend")
-    if backend and base_backend and backend != base_backend:
-        reason = (f"backend differs: current '{backend}', baseline '{base_backend}'; a baseline gates only the "
-                  "backend that recorded it")
+    mismatches = [  # (differs, why, what to do instead)
+        (hw is None or base_hw is None or hw != base_hw,
+         f"hardware differs: current '{hw or 'unknown'}', baseline '{base_hw or 'unknown'}'; baselines compare "
+         "only within one hardware_id", "record a baseline on this hardware with --update-baselines"),
+        (bool(backend and base_backend and backend != base_backend),
+         f"backend differs: current '{backend}', baseline '{base_backend}'; a baseline gates only the backend "
+         "that recorded it", "compare the two runs with `pdperf compare` instead"),
+    ]
+    for differs, reason, instead in mismatches:
+        if not differs:
+            continue
         if not allow_cross_hardware:
             result.status = "incomparable"
-            result.reason = reason + " (compare the two runs with `pdperf compare` instead)"
+            result.reason = f"{reason} ({instead})"
             return result
         result.notes.append(reason)
     result.notes.extend(f"environment differs: {d}" for d in _env_differences(current.environment, baseline_env))

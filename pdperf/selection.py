@@ -239,6 +239,13 @@ class SessionContext:
         # Prefer one this session runs anyway (no extra deployment), then the smallest.
         return min(candidates, key=lambda c: (c.name not in selected, c.gpus, c.name), default=None)
 
+    def deployment_group(self, t: Topology) -> str:
+        """Tests that share deployments share a group (one pytest-xdist worker each, ``--dist
+        loadgroup``): a PD topology goes with the collocated topology its greedy check compares
+        against, so two workers never deploy the same Serve application."""
+        ref = self.reference_for(t)
+        return ref.name if ref is not None else t.name
+
     def model_for(self, t: Topology) -> str:
         return self.model_override if (self.model_override and t.device == "gpu") else t.model
 

@@ -324,15 +324,20 @@ class RayServeDeployment(Deployment):
         self._model_path = ensure_model(self.model)
         self._t0 = time.monotonic()
         self._adopted = False
-        if self.keep:
-            st = serve.status().applications.get(self.app)
-            if st is not None and st.status.value in ("RUNNING", "DEPLOYING"):
-                # A kept application (still starting, or serving): wait for it instead of redeploying,
-                # which would start a second set of engines beside the first.
-                log.warning("topology %s: adopting the %s Serve application '%s' (--keep-deployments); "
-                            "drop that option to redeploy it", t.name, st.status.value, self.app)
-                self._adopted = True
-                return
+        st = serve.status().applications.get(self.app) if not self.cluster.local else None
+        if st is not None and not self.keep:
+            # serve.run would silently replace it: another session's deployment (or a crashed run's).
+            raise DeployError(
+                f"topology {t.name}: a Serve application '{self.app}' already exists on this cluster "
+                f"({st.status.value}): another pytest session or worker is using it, or a crashed run left it. "
+                f"Pass --keep-deployments to adopt it, or delete it (`serve delete {self.app}`) and rerun")
+        if self.keep and st is not None and st.status.value in ("RUNNING", "DEPLOYING"):
+            # A kept application (still starting, or serving): wait for it instead of redeploying,
+            # which would start a second set of engines beside the first.
+            log.warning("topology %s: adopting the %s Serve application '%s' (--keep-deployments); "
+                        "drop that option to redeploy it", t.name, st.status.value, self.app)
+            self._adopted = True
+            return
         app = build_app(t, self._model_path, self._placement, self.cluster.local,
                         stream_batching_interval_ms=self.stream_batching_interval_ms)
         self._started = True

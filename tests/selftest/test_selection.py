@@ -278,3 +278,12 @@ def test_bad_engine_arg_names_the_fix(bad, needle):
     with pytest.raises(SpecError, match=re.escape(needle)) as e:
         repo_ctx(ONE_X8, engine_arg=[bad])
     assert "--engine-arg" in str(e.value)
+
+
+def test_pd_shares_a_deployment_group_with_its_reference():
+    ctx = repo_ctx(ONE_X8, topology=["pd-1p1-1d1-pack", "colloc-2xtp1"])
+    pd, ref = ctx.all_topologies["pd-1p1-1d1-pack"], ctx.all_topologies["colloc-2xtp1"]
+    assert ctx.reference_for(pd).name == "colloc-2xtp1"
+    assert ctx.deployment_group(pd) == ctx.deployment_group(ref) == "colloc-2xtp1"
+    other = ctx.all_topologies["colloc-1xtp2"]
+    assert ctx.deployment_group(other) == "colloc-1xtp2"

@@ -87,3 +87,10 @@ def test_all_workloads_names_the_file_with_broken_yaml(tmp_path):
     with pytest.raises(SpecError) as e:
         all_workloads(tmp_path)
     assert str(tmp_path / "broken.yaml") in str(e.value) and "not valid YAML" in str(e.value)
+
+
+def test_xdist_without_ray_address_is_refused(tmp_path):
+    code, output = run_pytest(tmp_path, "-n", "2", "-m", "smoke")
+    assert code == USAGE_ERROR, output
+    line = the_error_line(output)
+    assert "-n 2" in line and "--ray-address auto" in line and "--dist loadgroup" in line
