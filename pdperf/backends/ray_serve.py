@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import time
 import urllib.error
@@ -263,6 +264,17 @@ def _actor_log_tail(actor: dict[str, Any], n: int) -> str:
         return f"(log unavailable: {type(e).__name__}: {e})"
 
 
+def _short_message(message: str | None, limit: int = 160) -> str:
+    """Serve's deployment message as one short line: its first sentence, without the
+    "Deployment 'X' in application 'Y'" preamble the status line already carries."""
+    if not message:
+        return ""
+    text = " ".join(message.split())
+    text = re.sub(r"^Deployment '[^']*' in application '[^']*' ", "", text)
+    first = text.split(". ")[0]
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
 class RayServeDeployment(Deployment):
     backend = "ray"
 
@@ -300,7 +312,7 @@ class RayServeDeployment(Deployment):
             return "application not yet known to Serve"
         parts = [f"app {st.status.value}" + (f" ({st.message})" if st.message else "")]
         for name, d in st.deployments.items():
-            msg = " ".join(d.message.split())[:300] if d.message else ""
+            msg = _short_message(d.message)
             parts.append(f"{name}: {d.status.value} replicas {dict(d.replica_states)}" + (f" {msg}" if msg else ""))
         try:
             pending = [p for p in compat.placement_groups()

@@ -66,3 +66,13 @@ def test_cli_unreachable_address_is_one_error_line():
     assert out.returncode == 2
     assert out.stderr.startswith("error: --ray-address 127.0.0.1:") and "Traceback" not in out.stderr
     assert "ray status" in out.stderr
+
+
+def test_progress_keeps_serve_messages_short():
+    from pdperf.backends.ray_serve import _short_message
+
+    msg = ("Deployment 'Prefill:pd' in application 'pd' has 1 replicas that have taken more than 30s to be "
+           "scheduled. This may be due to waiting for the cluster to auto-scale. Resources required: ...")
+    assert _short_message(msg) == "has 1 replicas that have taken more than 30s to be scheduled"
+    assert _short_message(None) == "" and _short_message("a\n  b") == "a b"
+    assert len(_short_message("x" * 500)) == 160
