@@ -59,8 +59,10 @@ def poll_until(probe: Callable[[], T | None], *, what: str, timeout_s: float, in
     except KeyboardInterrupt:
         try:
             report(force=True, prefix="interrupted after ")
-        except Exception:  # noqa: BLE001 - the interrupt matters more than a failed last look
-            pass
+        except Exception:  # noqa: BLE001 - the interrupt may have broken the probe's client: say what was seen
+            if progress is not None and last_state is not None:
+                progress(f"interrupted after waiting {time.monotonic() - start:.0f} s for {what}; "
+                         f"last state seen: {last_state}")
         raise
 
 

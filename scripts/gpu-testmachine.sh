@@ -13,14 +13,15 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast here
 export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-/tmp/vllm-cache} RAY_USAGE_STATS_ENABLED=0
-ray() { "$(dirname "$(command -v python3)")/ray" "$@"; }  # the ray CLI beside the python that has Ray
+PY=${PDPERF_PYTHON:-python3}  # the python that has the stack (the image's python3 on GPU machines)
+ray() { "$(dirname "$(command -v "$PY")")/ray" "$@"; }  # the ray CLI beside it
 if [ "${1:-}" = "--stop" ]; then
   ray stop --force >/dev/null 2>&1
   pkill -9 -f '^VLLM::' 2>/dev/null  # `ray stop` leaves vLLM's engine-core/worker grandchildren behind
   exit 0
 fi
 if ! pgrep -x raylet >/dev/null; then
-  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
   # Logical CPUs are Ray's accounting only: each ingress replica reserves 1 and each engine
   # TP+1, so two 8-ingress apps on a 16-core box need more than nproc (placement.logical_cpus).
   cpus=$(( $(nproc) * 4 > 32 ? $(nproc) * 4 : 32 ))
@@ -30,13 +31,13 @@ fi
 stamp=run-$(date +%H%M%S)
 run_dir=reports/$stamp
 timeout -s INT -k 30 "${PDPERF_CALL_BUDGET_S:-550}" \
-  python3 -m pytest --ray-address auto --run-dir "$run_dir" -o log_cli=true -o log_cli_level=WARNING "$@"
+  "$PY" -m pytest --ray-address auto --run-dir "$run_dir" -o log_cli=true -o log_cli_level=WARNING "$@"
 rc=$?
 [ $rc = 124 ] && echo "gpu-testmachine: pytest stopped after ${PDPERF_CALL_BUDGET_S:-550} s (PDPERF_CALL_BUDGET_S)"
 # The device tool returns at most 8 files from $OUT: one archive of the run, one of the baselines,
 # and the cluster's state (Serve, placement groups, replica logs, GPUs) as the run left it.
 if [ -n "${OUT:-}" ]; then
-  pgrep -x raylet >/dev/null && timeout 120 python3 -m pdperf.cli diagnose --lines 60 > "$OUT/$stamp-diag.txt" 2>&1
+  pgrep -x raylet >/dev/null && timeout 120 "$PY" -m pdperf.cli diagnose --lines 60 > "$OUT/$stamp-diag.txt" 2>&1
   [ -d "$run_dir" ] && tar czf "$OUT/$stamp.tgz" -C "$run_dir" .
   [ -d baselines ] && tar czf "$OUT/$stamp-baselines.tgz" baselines
 fi

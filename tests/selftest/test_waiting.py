@@ -161,3 +161,24 @@ def test_without_progress_describe_is_only_used_on_timeout(clock):
     with pytest.raises(WaitTimeout, match="last state: s"):
         poll_until(lambda: None, what="x", timeout_s=5, describe=lambda: calls.append(1) or "s")
     assert len(calls) == 1
+
+
+def test_interrupt_with_a_broken_describe_reports_the_last_state_seen(clock):
+    lines: list[str] = []
+    calls = {"n": 0}
+
+    def describe():
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise RuntimeError("the client is gone")
+        return "app DEPLOYING"
+
+    def probe():
+        if calls["n"] >= 1:
+            raise KeyboardInterrupt
+        return None
+
+    with pytest.raises(KeyboardInterrupt):
+        poll_until(probe, what="app", timeout_s=60, describe=describe, progress=lines.append)
+    assert lines == ["waiting 0 s for app: app DEPLOYING",
+                     "interrupted after waiting 0 s for app; last state seen: app DEPLOYING"]
