@@ -71,10 +71,20 @@ def parse_engine_args(items: list[str]) -> dict[str, Any]:
             raise SpecError(f"--engine-arg {item!r}: expected KEY=VALUE with a vLLM engine argument name as KEY, "
                             "e.g. --engine-arg enforce_eager=true")
         try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise SpecError(f"--engine-arg {item!r}: VALUE is not valid YAML ({str(e).splitlines()[0]}); quote it, "
                             "e.g. --engine-arg 'compilation_config={level: 0}'") from None
+        out = deep_merge(out, {key: value})
+    return out
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` laid on ``base``; where both hold a dict under one key, merged key by key (so
+    ``compilation_config={level: 0}`` keeps another override's ``pass_config``)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
     return out
 
 
@@ -82,7 +92,7 @@ def with_engine_overrides(t: Topology, overrides: dict[str, Any]) -> Topology:
     """The topology with ``overrides`` laid over its engine_kwargs (the topology itself if none)."""
     if not overrides:
         return t
-    return t.model_copy(update={"engine_kwargs": {**t.engine_kwargs, **overrides}})
+    return t.model_copy(update={"engine_kwargs": deep_merge(t.engine_kwargs, overrides)})
 
 
 @dataclass

@@ -11,7 +11,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast here
+# Never NVLink multicast on the lent machines (their rule: it can take the host's shared GPUs
+# out of service; never call cuMulticastCreate). NCCL, PyTorch and NVSHMEM have switches.
+# vLLM 0.26 with TP >= 2 on H100 also turns on FlashInfer's all-reduce + RMSNorm fusion, whose
+# "auto" backend is mnnvl, which calls cuMulticastCreate: pin trtllm (CUDA IPC), turn vLLM's
+# symmetric-memory all-reduce off, and switch the fusion pass off in every engine (below).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export VLLM_FLASHINFER_ALLREDUCE_BACKEND=trtllm VLLM_ALLREDUCE_USE_SYMM_MEM=0
+NO_MULTICAST_ARGS=(--engine-arg 'compilation_config={pass_config: {fuse_allreduce_rms: false}}')
 export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-/tmp/vllm-cache} RAY_USAGE_STATS_ENABLED=0
 PY=${PDPERF_PYTHON:-python3}  # the python that has the stack (the image's python3 on GPU machines)
 ray() { "$(dirname "$(command -v "$PY")")/ray" "$@"; }  # the ray CLI beside it
@@ -31,7 +38,8 @@ fi
 stamp=run-$(date +%H%M%S)
 run_dir=reports/$stamp
 timeout -s INT -k 30 "${PDPERF_CALL_BUDGET_S:-550}" \
-  "$PY" -m pytest --ray-address auto --run-dir "$run_dir" -o log_cli=true -o log_cli_level=WARNING "$@"
+  "$PY" -m pytest --ray-address auto --run-dir "$run_dir" -o log_cli=true -o log_cli_level=WARNING \
+  "${NO_MULTICAST_ARGS[@]}" "$@"
 rc=$?
 [ $rc = 124 ] && echo "gpu-testmachine: pytest stopped after ${PDPERF_CALL_BUDGET_S:-550} s (PDPERF_CALL_BUDGET_S)"
 # The device tool returns at most 8 files from $OUT: one archive of the run, one of the baselines,

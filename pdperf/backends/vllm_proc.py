@@ -46,7 +46,9 @@ def _flags(kwargs: dict[str, Any]) -> list[str]:
         flag = "--" + k.replace("_", "-")
         if v is True:
             out.append(flag)
-        elif v is False or v is None:
+        elif v is False:  # vLLM's boolean flags take --no-X (BooleanOptionalAction); dropping it would
+            out.append("--no-" + flag[2:])  # leave a default of True (enable_prefix_caching) in place
+        elif v is None:
             continue
         elif isinstance(v, (dict, list)):
             out += [flag, json.dumps(v)]

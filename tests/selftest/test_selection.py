@@ -287,3 +287,27 @@ def test_pd_shares_a_deployment_group_with_its_reference():
     assert ctx.deployment_group(pd) == ctx.deployment_group(ref) == "colloc-2xtp1"
     other = ctx.all_topologies["colloc-1xtp2"]
     assert ctx.deployment_group(other) == "colloc-1xtp2"
+
+
+def test_engine_args_merge_nested_dicts():
+    # gpu-testmachine.sh switches FlashInfer's all-reduce fusion off (NVLink multicast); a user's
+    # own compilation_config must not drop that.
+    ctx = repo_ctx(ONE_X8, engine_arg=["compilation_config={pass_config: {fuse_allreduce_rms: false}}",
+                                       "compilation_config={level: 0}"])
+    assert ctx.engine_overrides == {"compilation_config": {"pass_config": {"fuse_allreduce_rms": False}, "level": 0}}
+    from pdperf.specs import Topology
+    t = Topology(name="x", kind="collocated", model="m", collocated={"tp": 2},
+                 engine_kwargs={"compilation_config": {"cudagraph_capture_sizes": [1, 2]}, "max_num_seqs": 64})
+    from pdperf.selection import with_engine_overrides
+    merged = with_engine_overrides(t, ctx.engine_overrides).engine_kwargs
+    assert merged == {"max_num_seqs": 64, "compilation_config": {
+        "cudagraph_capture_sizes": [1, 2], "pass_config": {"fuse_allreduce_rms": False}, "level": 0}}
+
+
+def test_vllm_cli_flags_keep_false_and_nested_dicts():
+    from pdperf.backends.vllm_proc import _flags
+
+    assert _flags({"enforce_eager": True, "enable_prefix_caching": False, "seed": None, "max_num_seqs": 8,
+                   "compilation_config": {"pass_config": {"fuse_allreduce_rms": False}}}) == [
+        "--enforce-eager", "--no-enable-prefix-caching", "--max-num-seqs", "8",
+        "--compilation-config", '{"pass_config": {"fuse_allreduce_rms": false}}']
