@@ -35,7 +35,8 @@ def tail_lines(path: Path, n: int) -> list[str]:
 
 
 def replica_logs(logs_dir: Path, actors: list[dict[str, Any]], n: int) -> dict[str, list[str]]:
-    """Newest lines of each non-ingress Serve replica's stderr (``worker-*-<pid>.err``) in ``logs_dir``."""
+    """Newest lines of each engine actor's stderr (``worker-*-<pid>.err``) in ``logs_dir`` (Serve
+    replicas other than ingress and router, and vLLM's Ray worker actors)."""
     out: dict[str, list[str]] = {}
     for a in actors:
         name, pid = a.get("ActorClassName") or "?", a.get("Pid")
@@ -104,6 +105,10 @@ def collect(logs_dir: Path | None = None, n: int = 40) -> dict[str, Any]:
     actors = _try(compat.actor_table)
     serve_actors = [a for a in actors if (a.get("ActorClassName") or "").startswith("ServeReplica:")] \
         if isinstance(actors, list) else []
+    # vLLM's GPU workers under the Ray executor are actors of their own (RayWorkerProc /
+    # RayWorkerWrapper): compile, CUDA graph capture and NCCL set-up log there, not in the replica.
+    engine_workers = [a for a in actors if "RayWorker" in (a.get("ActorClassName") or "")
+                      and a.get("State") != "DEAD"] if isinstance(actors, list) else []
     pgs = _try(compat.placement_groups)
     controller = sorted(glob.glob(str(logs / "serve" / "controller_*.log")), key=os.path.getmtime)
     return {
@@ -113,7 +118,7 @@ def collect(logs_dir: Path | None = None, n: int = 40) -> dict[str, Any]:
         "replicas": [{"name": a.get("ActorClassName"), "state": a.get("State"), "pid": a.get("Pid"),
                       "restarts": a.get("NumRestarts"), "death": (a.get("DeathCause") or {}) and str(a.get("DeathCause"))[:300]}
                      for a in serve_actors],
-        "replica_logs": replica_logs(logs, serve_actors, n),
+        "replica_logs": replica_logs(logs, serve_actors + engine_workers, n),
         "controller_log": tail_lines(Path(controller[-1]), n) if controller else [f"(no controller log under {logs})"],
         "engine_processes": _try(_engine_processes),
         "gpus": _nvidia_smi(),
