@@ -19,19 +19,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from pdperf.backends.base import nonblank_tail, ray_worker_log
+
 DEFAULT_LOGS = Path("/tmp/ray/session_latest/logs")
-
-
-def tail_lines(path: Path, n: int) -> list[str]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 256 * n))
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError as e:
-        return [f"(cannot read {path}: {e.strerror or e})"]
-    return [ln for ln in lines if ln.strip()][-n:]
 
 
 def replica_logs(logs_dir: Path, actors: list[dict[str, Any]], n: int) -> dict[str, list[str]]:
@@ -42,9 +32,9 @@ def replica_logs(logs_dir: Path, actors: list[dict[str, Any]], n: int) -> dict[s
         name, pid = a.get("ActorClassName") or "?", a.get("Pid")
         if not pid or "Ingress" in name or "Router" in name:
             continue
-        files = sorted(glob.glob(str(logs_dir / f"worker-*-{pid}.err")), key=os.path.getmtime)
-        if files:
-            out[f"{name} (pid {pid}, {a.get('State')})"] = tail_lines(Path(files[-1]), n)
+        log_file = ray_worker_log(logs_dir, pid)
+        if log_file is not None:
+            out[f"{name} (pid {pid}, {a.get('State')})"] = nonblank_tail(log_file, n)
     return out
 
 
@@ -119,7 +109,7 @@ def collect(logs_dir: Path | None = None, n: int = 40) -> dict[str, Any]:
                       "restarts": a.get("NumRestarts"), "death": (a.get("DeathCause") or {}) and str(a.get("DeathCause"))[:300]}
                      for a in serve_actors],
         "replica_logs": replica_logs(logs, serve_actors + engine_workers, n),
-        "controller_log": tail_lines(Path(controller[-1]), n) if controller else [f"(no controller log under {logs})"],
+        "controller_log": nonblank_tail(Path(controller[-1]), n) if controller else [f"(no controller log under {logs})"],
         "engine_processes": _try(_engine_processes),
         "gpus": _nvidia_smi(),
         "logs_dir": str(logs),

@@ -75,6 +75,17 @@ def tail_file(path: Path, n: int) -> str:
         return f"(could not read {path}: {e})"
 
 
+def nonblank_tail(path: Path, n: int) -> list[str]:
+    """The last ``n`` non-blank lines of a log file (or one line saying why it could not be read)."""
+    return [ln for ln in tail_file(path, 2 * n + 8).splitlines() if ln.strip()][-n:]
+
+
+def ray_worker_log(logs_dir: Path, pid: int) -> Path | None:
+    """The newest stderr file of a Ray worker process (``worker-*-<pid>.err``) in a node's log folder."""
+    files = sorted(Path(logs_dir).glob(f"worker-*-{pid}.err"), key=lambda p: p.stat().st_mtime)
+    return files[-1] if files else None
+
+
 def kill_process_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
     """SIGTERM the process group, wait, then SIGKILL: engines spawn children of their own."""
     if proc.poll() is not None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pdperf import compat
-from pdperf.backends.base import Deployment, Endpoint, tail_file
+from pdperf.backends.base import Deployment, Endpoint, ray_worker_log, tail_file
 from pdperf.cluster import NodeInfo, nodes_from_ray
 from pdperf.errors import ClusterError, DeployError
 from pdperf.models import ensure_model, has_weights
@@ -252,10 +252,9 @@ def _actor_log_tail(actor: dict[str, Any], n: int) -> str:
     """Last lines of a replica's stderr (vLLM logs there): local log files, else the state API."""
     pid = actor.get("Pid")
     logs_dir = compat.local_logs_dir()
-    if logs_dir and pid:
-        files = sorted(Path(logs_dir).glob(f"worker-*-{pid}.err"), key=lambda p: p.stat().st_mtime)
-        if files:
-            return tail_file(files[-1], n)
+    log_file = ray_worker_log(Path(logs_dir), pid) if logs_dir and pid else None
+    if log_file is not None:
+        return tail_file(log_file, n)
     try:
         from ray.util.state import get_log
 

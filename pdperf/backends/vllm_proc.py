@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pdperf.backends.base import Deployment, Endpoint, kill_process_group, tail_file
+from pdperf.backends.base import Deployment, Endpoint, kill_process_group, nonblank_tail, tail_file
 from pdperf.backends.ray_serve import engine_env, engine_kwargs
 from pdperf.errors import ClusterError, DeployError
 from pdperf.models import ensure_model
@@ -99,8 +99,8 @@ class VllmProcessDeployment(Deployment):
         """Each engine's newest log line: where its start-up stands (loading, compiling, capturing graphs)."""
         parts = []
         for p in self.procs:
-            lines = [ln.strip() for ln in tail_file(p.log_path, 5).splitlines() if ln.strip()]
-            parts.append(f"{p.name}: {lines[-1][-200:] if lines else '(no output yet)'}")
+            lines = nonblank_tail(p.log_path, 1)
+            parts.append(f"{p.name}: {lines[-1].strip()[-200:] if lines else '(no output yet)'}")
         return "; ".join(parts)
 
     def launch(self) -> None:
