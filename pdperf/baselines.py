@@ -236,10 +236,13 @@ def hardware_id_of(env: dict[str, Any]) -> str | None:
     return hw if isinstance(hw, str) and hw else None
 
 
-def baseline_path(root: Path, hardware_id: str, topology: str, workload: str) -> Path:
-    """``root/<hardware_id>/<topology>/<workload>.json`` (each part checked to be a slug)."""
+def baseline_path(root: Path, hardware_id: str, topology: str, workload: str, backend: str | None = None) -> Path:
+    """``root/<hardware_id>/<topology>/<workload>.json`` for the Ray backend (the suite's subject), and
+    ``<workload>.<backend>.json`` for another backend, so that recording the no-Ray reference never
+    overwrites the Ray baseline of the same point (each part checked to be a slug)."""
+    suffix = "" if backend in (None, "", "ray") else f".{_slug('backend', backend)}"
     return (Path(root) / _slug("hardware_id", hardware_id) / _slug("topology", topology)
-            / f"{_slug('workload', workload)}.json")
+            / f"{_slug('workload', workload)}{suffix}.json")
 
 
 def point_samples(result: PointResult, cap: int = DEFAULT_SAMPLE_CAP) -> dict[str, list[float]]:
@@ -293,9 +296,10 @@ def load_baseline_file(path: Path) -> Baseline:
     return Baseline(path, hw, data.get("environment") or {}, str(data.get("updated_at", "")), dict(data["points"]))
 
 
-def load_baseline(root: Path, hardware_id: str, topology: str, workload: str) -> Baseline | None:
-    """The baseline file of this hardware, topology and workload; None if there is none yet."""
-    path = baseline_path(root, hardware_id, topology, workload)
+def load_baseline(root: Path, hardware_id: str, topology: str, workload: str,
+                  backend: str | None = None) -> Baseline | None:
+    """The baseline file of this hardware, topology, workload and backend; None if there is none yet."""
+    path = baseline_path(root, hardware_id, topology, workload, backend)
     if not path.exists():
         return None
     baseline = load_baseline_file(path)
@@ -330,7 +334,7 @@ def write_baseline(root: Path, point_results: Iterable[PointResult], *, allow_fl
                                 "hide regressions. Re-run the point (or pass allow_flagged=True)")
         if not any(rec.ok and not rec.warmup for rec in r.records):
             raise BaselineError(f"point {r.id}: no successful measured request; nothing to keep as a baseline")
-        groups.setdefault(baseline_path(root, hw, r.topology, r.workload), []).append(r)
+        groups.setdefault(baseline_path(root, hw, r.topology, r.workload, r.environment.get("backend")), []).append(r)
 
     written = []
     for path, results in groups.items():
@@ -596,7 +600,7 @@ def gate_point(root: Path, current: PointResult, thresholds: Thresholds) -> Gate
     if hw is None:
         return GateResult(point=current.id, status="incomparable",
                           reason="the point's environment has no 'hardware_id', so no baseline can match it")
-    baseline = load_baseline(root, hw, current.topology, current.workload)
+    baseline = load_baseline(root, hw, current.topology, current.workload, current.environment.get("backend"))
     if baseline is None:
         return compare_point(current, None, {"hardware_id": hw}, thresholds)
     return compare_point(current, baseline.entry(current.point_id), baseline.environment_of(current.point_id),

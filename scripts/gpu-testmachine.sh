@@ -27,7 +27,9 @@ if [ "${1:-}" = "--stop" ]; then
   pkill -9 -f '^VLLM::' 2>/dev/null  # `ray stop` leaves vLLM's engine-core/worker grandchildren behind
   exit 0
 fi
-if ! pgrep -x raylet >/dev/null; then
+ray_args=(--ray-address auto)
+case " $* " in *" --backend vllm "*|*" --backend=vllm "*) ray_args=() ;; esac  # no Ray for the vllm backend
+if [ ${#ray_args[@]} -gt 0 ] && ! pgrep -x raylet >/dev/null; then
   gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
   # Logical CPUs are Ray's accounting only: each ingress replica reserves 1 and each engine
   # TP+1, so two 8-ingress apps on a 16-core box need more than nproc (placement.logical_cpus).
@@ -38,14 +40,14 @@ fi
 stamp=run-$(date +%H%M%S)
 run_dir=reports/$stamp
 timeout -s INT -k 30 "${PDPERF_CALL_BUDGET_S:-550}" \
-  "$PY" -m pytest --ray-address auto --run-dir "$run_dir" -o log_cli=true -o log_cli_level=WARNING \
+  "$PY" -m pytest "${ray_args[@]}" --run-dir="$run_dir" -o log_cli=true -o log_cli_level=WARNING \
   "${NO_MULTICAST_ARGS[@]}" "$@"
 rc=$?
 [ $rc = 124 ] && echo "gpu-testmachine: pytest stopped after ${PDPERF_CALL_BUDGET_S:-550} s (PDPERF_CALL_BUDGET_S)"
 # The device tool returns at most 8 files from $OUT: one archive of the run, one of the baselines,
 # and the cluster's state (Serve, placement groups, replica logs, GPUs) as the run left it.
 if [ -n "${OUT:-}" ]; then
-  pgrep -x raylet >/dev/null && timeout 120 "$PY" -m pdperf.cli diagnose --lines 60 > "$OUT/$stamp-diag.txt" 2>&1
+  pgrep -x raylet >/dev/null && timeout "${PDPERF_DIAG_TIMEOUT_S:-120}" "$PY" -m pdperf.cli diagnose --lines 60 > "$OUT/$stamp-diag.txt" 2>&1
   [ -d "$run_dir" ] && tar czf "$OUT/$stamp.tgz" -C "$run_dir" .
   [ -d baselines ] && tar czf "$OUT/$stamp-baselines.tgz" baselines
 fi

@@ -362,3 +362,16 @@ def test_compare_cli_schema_mismatch(tmp_path, capsys):
     assert compare_main([str(good), str(tmp_path / "old.json")]) == 2
     err = capsys.readouterr().err
     assert "schema_version 0 is not 1" in err and err.count("\n") == 1
+
+
+def test_other_backend_records_beside_the_ray_baseline_and_gates_against_its_own(tmp_path, thresholds):
+    ray_pt, vllm_pt = point(seed=1), point(seed=2, tpot_ms=5.0)
+    ray_pt.environment["backend"], vllm_pt.environment["backend"] = "ray", "vllm"
+    [ray_path] = write_baseline(tmp_path, [ray_pt])
+    [vllm_path] = write_baseline(tmp_path, [vllm_pt])
+    assert ray_path == tmp_path / CPU / "pd-1p1d" / "isl128-osl8.json"
+    assert vllm_path == tmp_path / CPU / "pd-1p1d" / "isl128-osl8.vllm.json"
+    assert load_baseline(tmp_path, CPU, "pd-1p1d", "isl128-osl8").environment_of("c4")["backend"] == "ray"
+    again = point(seed=3, tpot_ms=5.0)
+    again.environment["backend"] = "vllm"
+    assert gate_point(tmp_path, again, thresholds).status == "unchanged"  # against the vllm file, not the 2x slower ray one

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# One GPU test-machine session of issue 7 as three device calls, each under the tool's 600 s:
+#   scripts/gpu-session.sh 1   Ray: smoke + sweep (recording baselines) of the collocated and the
+#                              PD topology, deployed side by side and kept up
+#   scripts/gpu-session.sh 2   Ray: the same sweeps again for 220 s, gated against those baselines (or, if
+#                              Ray did not come up in step 1, one retry with the older executor);
+#                              then the no-Ray vllm backend: smoke + sweep of the collocated topology
+#   scripts/gpu-session.sh 3   Ray: smoke + sweep of the TP2 topology, recorded, then gated once
+# The calls go out together (a machine idle for 30 s is given back), so each step reads what the
+# earlier ones left in $STATE and chooses its work from it. Every pytest run goes through
+# scripts/gpu-testmachine.sh (the no-multicast settings, the SIGINT budget, the diagnosis).
+# Each step leaves one archive, $OUT/step<N>.tgz (logs, run folders, diagnoses, baselines), and
+# prints a summary. Names can be changed for a rehearsal on the CPU stack, e.g.
+#   T_COLLOC=cpu-colloc-1xtp1 T_PD=cpu-pd-1p1-1d1 T_TP2=cpu-colloc-1xtp1 WORKLOAD=cpu-latency \
+#   MODEL_ARGS= ENGINE_ARGS= EXTRA_ARGS='--requests-scale 0.3' CALL_LIMIT_S=1500 \
+#   PDPERF_PYTHON=.venv/bin/python OUT=/tmp/o STATE=/tmp/s scripts/gpu-session.sh 1
+set -uo pipefail
+cd "$(dirname "$0")/.."
+step=${1:?usage: scripts/gpu-session.sh 1|2|3}
+T_COLLOC=${T_COLLOC:-colloc-2xtp1} T_PD=${T_PD:-pd-1p1-1d1-pack} T_TP2=${T_TP2:-colloc-1xtp2}
+WORKLOAD=${WORKLOAD:-gpu-small-isl1024-osl256}
+read -r -a MODEL <<<"${MODEL_ARGS---model llama-3.1-8b}"
+# Eager engines (no torch.compile, no CUDA graphs): a start-up in about a minute instead of four,
+# the only way three topologies fit 30 minutes of device time. Numbers are eager numbers.
+read -r -a ENGINE <<<"${ENGINE_ARGS---engine-arg enforce_eager=true}"
+read -r -a EXTRA <<<"${EXTRA_ARGS:-}"  # more pytest arguments for every run (a rehearsal: --requests-scale 0.2)
+CALL_LIMIT_S=${CALL_LIMIT_S:-585}  # the device tool kills a call at 600 s
+STATE=${STATE:-/tmp/pdperf-gpu-state}
+mkdir -p "$STATE"
+FINAL_OUT=${OUT:-reports}
+export OUT=$STATE/out-$step PDPERF_DIAG_TIMEOUT_S=${PDPERF_DIAG_TIMEOUT_S:-45}
+rm -rf "$OUT"; mkdir -p "$OUT"
+[ -f "$STATE/env" ] && . "$STATE/env"  # engine env vars a retry chose (exported for the Ray head)
+# Baselines live in $STATE, not in the working tree the device tool re-copies on every call; they
+# come back in each step's archive (baselines/<hardware_id>/...) to be committed from there.
+[ -d "$STATE/baselines" ] || cp -r baselines "$STATE/baselines"
+log() { echo "[gpu-session $step +${SECONDS}s] $*" | tee -a "$OUT/session.log"; }
+
+# pytest through the test-machine script with what is left of this call (less a reserve for the
+# diagnosis and the archive); $1 = a name for the log, $2 = the most seconds this run may take.
+suite() {
+  local name=$1 want=$2; shift 2
+  local left=$(( CALL_LIMIT_S - SECONDS - 60 ))
+  local budget=$(( want < left ? want : left ))
+  if [ "$budget" -lt 60 ]; then log "$name: skipped, $left s left in this call"; return 99; fi
+  log "$name: budget ${budget}s: $*"
+  PDPERF_CALL_BUDGET_S=$budget scripts/gpu-testmachine.sh "$@" "${EXTRA[@]}" --baselines-dir="$STATE/baselines" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  log "$name: exit $rc; $(grep -E '^=+ .*(passed|failed|error|skipped|no tests).* =+$' "$OUT/$name.log" | tail -1)"
+  grep -E 'ready after|DeployError|pytest stopped after' "$OUT/$name.log" | head -8 | sed 's/^/    /' | tee -a "$OUT/session.log"
+  return $rc
+}
+
+# Applications Serve reports RUNNING, space-separated ("" when there is no Ray head).
+running_apps() {
+  pgrep -x raylet >/dev/null || return 0
+  timeout 60 "${PDPERF_PYTHON:-python3}" - <<'PY' 2>/dev/null
+import ray
+from ray import serve
+ray.init(address="auto", log_to_driver=False, configure_logging=False)
+print(" ".join(n for n, a in serve.status().applications.items() if str(a.status).endswith("RUNNING")))
+PY
+}
+
+finish() {
+  log "done"
+  cp "$OUT/session.log" "$STATE/step$step-session.log"
+  mkdir -p "$FINAL_OUT"
+  rm -f "$OUT"/*-baselines.tgz  # gpu-testmachine.sh's copy of the repo's baselines: the real ones are these
+  cp -r "$STATE/baselines" "$OUT/baselines"
+  tar czf "$FINAL_OUT/step$step.tgz" -C "$OUT" . 2>/dev/null
+  for f in "$OUT"/*.log; do
+    [ "$(basename "$f")" = session.log ] && continue
+    echo "---- $(basename "$f"): last lines"
+    grep -vE '^\s*$' "$f" | tail -n 15
+  done
+  echo "---- session"
+  cat "$STATE"/step*-session.log
+}
+trap finish EXIT
+
+both=(--topology "$T_COLLOC" --topology "$T_PD")
+case $step in
+1)
+  scripts/gpu-testmachine.sh --stop
+  suite ray-record 520 -m "smoke or sweep" "${both[@]}" --workload "$WORKLOAD" "${MODEL[@]}" "${ENGINE[@]}" \
+    --keep-deployments --update-baselines --deploy-timeout 360
+  log "running after step 1: [$(running_apps | tee "$STATE/running")]"
+  ;;
+2)
+  up=$(running_apps)
+  log "running: [$up]"
+  if [ -n "$up" ]; then  # the gated rerun: the collocated sweep (the PD one too if the call has time)
+    gated=()
+    for t in "$T_COLLOC" "$T_PD"; do case " $up " in *" $t "*) gated+=(--topology "$t") ;; esac; done
+    suite ray-gate 220 -m sweep "${gated[@]}" --workload "$WORKLOAD" "${MODEL[@]}" "${ENGINE[@]}" --keep-deployments
+  else
+    log "no Ray application came up in step 1: one retry with vLLM's older Ray executor"
+    scripts/gpu-testmachine.sh --stop
+    echo "export VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0" >"$STATE/env"; . "$STATE/env"
+    suite ray-retry 300 -m "smoke or sweep" --topology "$T_COLLOC" --workload "$WORKLOAD" "${MODEL[@]}" \
+      "${ENGINE[@]}" --keep-deployments --update-baselines --deploy-timeout 240
+  fi
+  scripts/gpu-testmachine.sh --stop  # the vllm backend takes GPUs from 0 up: nothing else may hold them
+  suite vllm-record 400 -m "smoke or sweep" --backend vllm --topology "$T_COLLOC" --workload "$WORKLOAD" \
+    "${MODEL[@]}" "${ENGINE[@]}" --update-baselines --deploy-timeout 240
+  ;;
+3)
+  pkill -f 'pdperf.backends.pd_proxy' 2>/dev/null
+  scripts/gpu-testmachine.sh --stop
+  suite ray-tp2-record 380 -m "smoke or sweep" --topology "$T_TP2" --workload "$WORKLOAD" "${MODEL[@]}" \
+    "${ENGINE[@]}" --keep-deployments --update-baselines --deploy-timeout 300
+  case " $(running_apps) " in *" $T_TP2 "*) ;; *) log "$T_TP2 is not running: no gated rerun"; exit 0 ;; esac
+  suite ray-tp2-gate 200 -m sweep --topology "$T_TP2" --workload "$WORKLOAD" "${MODEL[@]}" "${ENGINE[@]}" \
+    --keep-deployments
+  ;;
+*) echo "step must be 1, 2 or 3" >&2; exit 2 ;;
+esac
