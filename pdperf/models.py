@@ -211,6 +211,22 @@ def check_model_folder(p: Path) -> Path:
     return p
 
 
+def tokenizer_covers_vocab(path: Path | str | None) -> bool:
+    """Whether every token id the model can emit has text in its tokenizer. The GPU shapes (Llama-3.1-8B,
+    vocab 128256) come with the small local tokenizer: random weights mostly pick ids it has no text
+    for, so a correct stream of 16 tokens can decode to "" (seen on 4x H100). True when unknown."""
+    if path is None:
+        return True
+    try:
+        vocab = json.loads((Path(path) / "config.json").read_text()).get("vocab_size")
+        tok = json.loads((Path(path) / "tokenizer.json").read_text())
+    except (OSError, ValueError):
+        return True
+    known = {int(i) for i in (tok.get("model") or {}).get("vocab", {}).values()}
+    known |= {int(t["id"]) for t in tok.get("added_tokens") or [] if "id" in t}
+    return not isinstance(vocab, int) or len(known) >= vocab
+
+
 def has_weights(path: Path) -> bool:
     return any(Path(path).glob("*.safetensors")) or any(Path(path).glob("*.bin"))
 

@@ -53,7 +53,7 @@ suite() {
 
 # Applications Serve reports RUNNING, space-separated ("" when there is no Ray head).
 running_apps() {
-  pgrep -x raylet >/dev/null || return 0
+  pgrep -x raylet >/dev/null || { log "no Ray head is running" >&2; return 0; }
   timeout 60 "${PDPERF_PYTHON:-python3}" - <<'PY' 2>/dev/null
 import ray
 from ray import serve

@@ -34,7 +34,9 @@ if [ ${#ray_args[@]} -gt 0 ] && ! pgrep -x raylet >/dev/null; then
   # Logical CPUs are Ray's accounting only: each ingress replica reserves 1 and each engine
   # TP+1, so two 8-ingress apps on a 16-core box need more than nproc (placement.logical_cpus).
   cpus=$(( $(nproc) * 4 > 32 ? $(nproc) * 4 : 32 ))
-  ray start --head --num-gpus "$gpus" --num-cpus "$cpus" --include-dashboard=false \
+  # In a session of its own: the device tool kills what a call leaves running unless it started a
+  # new session, and kept deployments must outlive the call (seen: engines gone between calls).
+  setsid -w "$(dirname "$(command -v "$PY")")/ray" start --head --num-gpus "$gpus" --num-cpus "$cpus" --include-dashboard=false \
     --node-ip-address 127.0.0.1 --disable-usage-stats >/tmp/ray-start.log 2>&1 || { cat /tmp/ray-start.log; exit 1; }
 fi
 stamp=run-$(date +%H%M%S)

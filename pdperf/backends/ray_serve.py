@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import socket
 import time
@@ -44,6 +45,15 @@ LOOPBACK_ENV = {
     "UCX_NET_DEVICES": "lo",
 }
 CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+# vLLM 0.26's Ray executor (RayExecutorV2) puts an engine's torch.distributed TCPStore on the
+# first free port from VLLM_DP_MASTER_PORT + 100 (default 0, so port 100) on every engine of a
+# node: engines that start together all pick the same port and all but one die with
+# `DistNetworkError … EADDRINUSE` (seen on 4x H100: a PD prefill failed three times in a row and
+# Serve gave its application up). Each role of a GPU topology gets its own base instead, far from
+# Ray's ports (6379, 8265, 10002-19999 workers), Serve's 8000 and NIXL's 20000/22000; replicas of
+# one role still share a base and can still collide once (Serve restarts the loser).
+TCPSTORE_BASES = range(23000, 32000, 160)
 
 
 def _check_gcs_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -210,9 +220,12 @@ def engine_kwargs(t: Topology, role: str, model_path: Path) -> dict[str, Any]:
 
 
 def llm_config(t: Topology, role: str, model_path: Path, placement: PlacementPlan, local: bool,
-               *, stream_batching_interval_ms: int = 0) -> dict[str, Any]:
+               *, stream_batching_interval_ms: int = 0, tcpstore_base: int | None = None) -> dict[str, Any]:
     """The LLMConfig (as a dict) for one role of a topology."""
     r = t.roles()[role]
+    env = engine_env(t, local)
+    if t.device == "gpu" and tcpstore_base is not None:
+        env = {"VLLM_DP_MASTER_PORT": str(tcpstore_base), **env}  # the topology's own env wins
     experimental: dict[str, Any] = {"stream_batching_interval_ms": stream_batching_interval_ms}
     if t.kind == "pd":
         experimental["_prewarm_prefill_decode"] = True
@@ -222,7 +235,7 @@ def llm_config(t: Topology, role: str, model_path: Path, placement: PlacementPla
         "deployment_config": {"num_replicas": r.replicas},
         "placement_group_config": placement.roles[role].placement_group_config,
         "experimental_configs": experimental,
-        "runtime_env": {"env_vars": engine_env(t, local)},
+        "runtime_env": {"env_vars": env},
         "log_engine_metrics": True,
     }
 
@@ -233,12 +246,14 @@ def build_app(t: Topology, model_path: Path, placement: PlacementPlan, local: bo
 
     ingress = {"num_replicas": t.ingress_replicas}
     kw = {"stream_batching_interval_ms": stream_batching_interval_ms}
+    bases = random.SystemRandom().sample(TCPSTORE_BASES, 2)  # a different one per role
     if t.kind == "collocated":
-        return build_openai_app({"llm_configs": [llm_config(t, "collocated", model_path, placement, local, **kw)],
+        return build_openai_app({"llm_configs": [llm_config(t, "collocated", model_path, placement, local, **kw,
+                                                            tcpstore_base=bases[0])],
                                  "ingress_deployment_config": ingress})
     return build_pd_openai_app({
-        "prefill_config": llm_config(t, "prefill", model_path, placement, local, **kw),
-        "decode_config": llm_config(t, "decode", model_path, placement, local, **kw),
+        "prefill_config": llm_config(t, "prefill", model_path, placement, local, **kw, tcpstore_base=bases[0]),
+        "decode_config": llm_config(t, "decode", model_path, placement, local, **kw, tcpstore_base=bases[1]),
         "ingress_deployment_config": ingress,
     })
 

@@ -1,8 +1,8 @@
 """Plain ``vllm serve`` processes: the no-Ray reference that shows what Ray itself costs.
 
-Each engine of the topology is one ``vllm serve`` process on a free port (GPUs assigned in
-order through CUDA_VISIBLE_DEVICES on GPU machines); PD and multi-replica topologies get
-the small proxy in ``pd_proxy``. Single-node only: a multi-node topology is skipped with
+Each engine of the topology is one ``vllm serve`` process on a free port (on GPU machines its
+GPUs through CUDA_VISIBLE_DEVICES, never ones another live deployment of the session holds); PD
+and multi-replica topologies get the small proxy in ``pd_proxy``. Single-node only: a multi-node topology is skipped with
 the reason. Every process is started in its own process group and killed as a group.
 Readiness races every engine's ``/health`` against its process exiting.
 """
@@ -73,6 +73,47 @@ def gpu_count() -> int:
     return sum(1 for ln in out.stdout.splitlines() if ln.startswith("GPU "))
 
 
+def visible_gpus() -> list[str]:
+    """This process's GPUs as CUDA_VISIBLE_DEVICES entries (its own list when set, else nvidia-smi's count)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [x.strip() for x in visible.split(",") if x.strip()]
+    return [str(i) for i in range(gpu_count())]
+
+
+class GpuLedger:
+    """Which GPUs this session's live ``vllm serve`` deployments hold, so that two deployments up at once
+    (a PD topology and its collocated reference) never share a GPU. Seen on 4x H100 before it existed:
+    both started from GPU 0 and the second engine failed with "Free memory on device cuda:0 … is less
+    than desired GPU memory utilization"."""
+
+    def __init__(self, devices: list[str] | None = None):
+        self._devices = devices
+        self._held: dict[str, str] = {}  # device -> topology
+
+    def devices(self) -> list[str]:
+        if self._devices is None:
+            self._devices = visible_gpus()
+        return self._devices
+
+    def take(self, owner: str, n: int) -> list[str]:
+        free = [d for d in self.devices() if d not in self._held]
+        if len(free) < n:
+            holders = sorted(set(self._held.values()))
+            raise ClusterError(f"topology {owner}: needs {n} GPUs, {len(free)} of {len(self.devices())} free"
+                               f"{' (held by ' + ', '.join(holders) + ')' if holders else ''}; deploy fewer "
+                               "topologies at once (--max-alive 1) or use a machine with more GPUs")
+        for d in free[:n]:
+            self._held[d] = owner
+        return free[:n]
+
+    def release(self, owner: str) -> None:
+        self._held = {d: o for d, o in self._held.items() if o != owner}
+
+
+LEDGER = GpuLedger()
+
+
 class VllmProcessDeployment(Deployment):
     backend = "vllm"
 
@@ -81,6 +122,7 @@ class VllmProcessDeployment(Deployment):
         self.model = model or topology.model
         self.log_dir = Path(log_dir)
         self.procs: list[_Proc] = []
+        self._ledger_owner: str | None = None
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str], url: str) -> _Proc:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -107,12 +149,13 @@ class VllmProcessDeployment(Deployment):
         t = self.topology
         if t.nodes_needed > 1:
             raise ClusterError(f"topology {t.name}: the vllm backend runs on one node; 'spread' needs the ray backend")
-        gpus_here = gpu_count() if t.device == "gpu" else 0
+        gpus_here = len(LEDGER.devices()) if t.device == "gpu" else 0
         if t.device == "gpu" and gpus_here < t.gpus:
             raise ClusterError(f"topology {t.name}: needs {t.gpus} GPUs, this node has {gpus_here}")
         model_path = ensure_model(self.model)
+        mine = LEDGER.take(t.name, t.gpus) if t.device == "gpu" else []
+        self._ledger_owner = t.name
         t0 = time.monotonic()
-        next_gpu = 0
         engines: dict[str, list[_Proc]] = {}
         for role, r in t.roles().items():
             for i in range(r.replicas):
@@ -122,8 +165,8 @@ class VllmProcessDeployment(Deployment):
                 env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(free_port())
                 env["VLLM_SERVER_DEV_MODE"] = "1"  # exposes /reset_prefix_cache, used between load points
                 if t.device == "gpu":
-                    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(next_gpu, next_gpu + r.tp))
-                    next_gpu += r.tp
+                    env["CUDA_VISIBLE_DEVICES"] = ",".join(mine[:r.tp])
+                    mine = mine[r.tp:]
                 kwargs = {"served_model_name": t.name, **engine_kwargs(t, role, model_path)}
                 cmd = vllm_cli() + ["serve", str(model_path), "--host", "127.0.0.1", "--port", str(port)] + _flags(kwargs)
                 engines.setdefault(role, []).append(self._spawn(f"{role}{i}", cmd, env, f"http://127.0.0.1:{port}"))
@@ -173,6 +216,9 @@ class VllmProcessDeployment(Deployment):
         for p in reversed(self.procs):
             kill_process_group(p.proc)
         self.procs.clear()
+        if self._ledger_owner:
+            LEDGER.release(self._ledger_owner)
+            self._ledger_owner = None
 
 
 class ExternalDeployment(Deployment):

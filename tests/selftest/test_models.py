@@ -119,3 +119,13 @@ def test_unknown_model_key_lists_the_known_ones(cache):
     with pytest.raises(ModelError) as e:
         model_path("llama-9000", cache)
     assert "tiny-llama" in str(e.value) and "llama-3.1-8b" in str(e.value)
+
+
+def test_tokenizer_covers_vocab_only_for_the_tiny_model(tiny, cache):
+    """The GPU shapes keep the small local tokenizer: their random ids may have no text (smoke skips "text")."""
+    from pdperf.models import tokenizer_covers_vocab
+
+    assert tokenizer_covers_vocab(tiny)
+    big = ensure_model("llama-3.1-8b", cache)
+    assert not tokenizer_covers_vocab(big)
+    assert tokenizer_covers_vocab(None) and tokenizer_covers_vocab(cache / "missing")

@@ -229,3 +229,20 @@ def test_gpu_counts_ingress_and_engine_logical_cpus():
     assert "needs 12 Ray logical CPUs (8 ingress replica(s) and 2 engine(s)), the cluster has 11" in p.reason
     assert "--num-cpus" in p.reason
     assert plan(t, [NodeInfo(node_id="n", ip="10.0.0.1", gpus=4, cpus=12.0, gpu_model="H100")]).feasible
+
+
+def test_ray_llm_config_gives_each_gpu_role_its_own_tcpstore_port_base(tmp_path):
+    """vLLM 0.26's Ray executor scans for its torch.distributed port from VLLM_DP_MASTER_PORT + 100 (default:
+    port 100 on every engine): engines starting together collided (EADDRINUSE) on 4x H100."""
+    from pdperf.backends.ray_serve import TCPSTORE_BASES, llm_config
+
+    t = pd("pd-1p1-1d1", 1, 1)
+    p = plan(t, [gpu_node(1)])
+    prefill = llm_config(t, "prefill", tmp_path, p, local=False, tcpstore_base=TCPSTORE_BASES[0])
+    decode = llm_config(t, "decode", tmp_path, p, local=False, tcpstore_base=TCPSTORE_BASES[1])
+    assert prefill["runtime_env"]["env_vars"]["VLLM_DP_MASTER_PORT"] == "23000"
+    assert decode["runtime_env"]["env_vars"]["VLLM_DP_MASTER_PORT"] == "23160"
+    own = pd("pd-own", 1, 1, env={"VLLM_DP_MASTER_PORT": "40000"})  # a topology's own env wins
+    assert llm_config(own, "prefill", tmp_path, plan(own, [gpu_node(1)]), local=False,
+                      tcpstore_base=23000)["runtime_env"]["env_vars"]["VLLM_DP_MASTER_PORT"] == "40000"
+    assert all(b + 131 < 32768 and not 20000 <= b + 100 < 22200 for b in TCPSTORE_BASES)  # below ephemeral ports

@@ -311,3 +311,18 @@ def test_vllm_cli_flags_keep_false_and_nested_dicts():
                    "compilation_config": {"pass_config": {"fuse_allreduce_rms": False}}}) == [
         "--enforce-eager", "--no-enable-prefix-caching", "--max-num-seqs", "8",
         "--compilation-config", '{"pass_config": {"fuse_allreduce_rms": false}}']
+
+
+def test_vllm_backend_gpu_ledger_never_hands_one_gpu_to_two_live_deployments():
+    """4x H100: a PD topology and its collocated reference both started on GPU 0 before the ledger."""
+    from pdperf.backends.vllm_proc import GpuLedger
+    from pdperf.errors import ClusterError
+
+    ledger = GpuLedger(["2", "3", "5", "7"])  # this process's CUDA_VISIBLE_DEVICES, not 0..3
+    assert ledger.take("pd-1p1-1d1-pack", 2) == ["2", "3"]
+    assert ledger.take("colloc-1xtp1", 1) == ["5"]
+    with pytest.raises(ClusterError, match=r"colloc-1xtp2: needs 2 GPUs, 1 of 4 free \(held by colloc-1xtp1, "
+                                           r"pd-1p1-1d1-pack\); deploy fewer topologies at once"):
+        ledger.take("colloc-1xtp2", 2)
+    ledger.release("pd-1p1-1d1-pack")
+    assert ledger.take("colloc-1xtp2", 2) == ["2", "3"]

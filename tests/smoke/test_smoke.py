@@ -7,6 +7,7 @@ import pytest
 
 from pdperf.loadgen.runner import single_request
 from pdperf.metrics import tpot_ms, ttft_ms
+from pdperf.models import tokenizer_covers_vocab
 
 pytestmark = pytest.mark.smoke
 
@@ -26,7 +27,8 @@ def test_stream_exact_length(endpoint, api, record_property):
     rec, text = single_request(endpoint.base_url, endpoint.model_id, PROMPTS[0], 16, api=api)
     assert rec.error is None, f"{endpoint.name} /{api}: {rec.error}: {rec.error_detail}"
     assert rec.output_tokens == 16, f"{endpoint.name}: asked for 16 tokens (ignore_eos), got {rec.output_tokens}"
-    assert text, f"{endpoint.name}: empty text"
+    if tokenizer_covers_vocab(endpoint.tokenizer_path):  # else random weights may pick ids without text
+        assert text, f"{endpoint.name}: empty text"
     assert ttft_ms(rec) is not None and tpot_ms(rec) is not None
     record_property("ttft_ms", round(ttft_ms(rec), 2))
     record_property("tpot_ms", round(tpot_ms(rec), 2))
