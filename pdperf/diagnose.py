@@ -4,8 +4,10 @@ A start-up that hangs without an error is the costliest failure on a GPU cluster
 status says DEPLOYING and nothing else. This gathers, from a running Ray cluster, what
 answers "where does it stand": Serve applications and their deployments' replica states,
 placement groups that are not placed (with their bundles), replica actors (state, pid,
-restarts), the newest lines of each engine replica's log and of the Serve controller, vLLM
-engine processes with their CPU time (compiling or stuck?), and ``nvidia-smi``.
+restarts), the newest lines of each engine replica's log and of the Serve controller, the
+first error block of every worker log that has one (where an engine's root cause sits, above
+the repeated "EngineCore encountered an issue" lines a tail shows), vLLM engine processes with
+their CPU time (compiling or stuck?), and ``nvidia-smi``.
 
 ``collect`` takes the snapshot (each part fails on its own, into the text); ``render`` turns
 a snapshot into text and is tested on fake snapshots.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,29 @@ def replica_logs(logs_dir: Path, actors: list[dict[str, Any]], n: int) -> dict[s
         log_file = ray_worker_log(logs_dir, pid)
         if log_file is not None:
             out[f"{name} (pid {pid}, {a.get('State')})"] = nonblank_tail(log_file, n)
+    return out
+
+
+FIRST_ERROR = re.compile(r"Traceback \(most recent call last\)|\bERROR\b.*\b(failed|Error|Exception)\b|"
+                         r"^\S*(Error|Exception): ")
+
+
+def first_errors(logs_dir: Path, n: int = 40, max_files: int = 4) -> dict[str, list[str]]:
+    """The first error block (``n`` lines from the first traceback or ERROR line) of each worker log
+    (``worker-*.err``) that has one, newest files first: a dead engine's root cause is printed once,
+    then every request and health check repeats "EngineCore encountered an issue"."""
+    out: dict[str, list[str]] = {}
+    files = sorted(Path(logs_dir).glob("worker-*.err"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in files:
+        if len(out) >= max_files:
+            break
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        start = next((i for i, ln in enumerate(lines) if FIRST_ERROR.search(ln)), None)
+        if start is not None:
+            out[path.name] = [ln for ln in lines[start:start + n] if ln.strip()]
     return out
 
 
@@ -109,6 +135,7 @@ def collect(logs_dir: Path | None = None, n: int = 40) -> dict[str, Any]:
                       "restarts": a.get("NumRestarts"), "death": (a.get("DeathCause") or {}) and str(a.get("DeathCause"))[:300]}
                      for a in serve_actors],
         "replica_logs": replica_logs(logs, serve_actors + engine_workers, n),
+        "first_errors": _try(first_errors, logs, n),
         "controller_log": nonblank_tail(Path(controller[-1]), n) if controller else [f"(no controller log under {logs})"],
         "engine_processes": _try(_engine_processes),
         "gpus": _nvidia_smi(),
@@ -155,6 +182,10 @@ def render(snap: dict[str, Any]) -> str:
         add(f"  {row}")
     for name, lines in snap.get("replica_logs", {}).items():
         add(f"== last lines of {name}")
+        out.extend(f"  {ln}" for ln in lines)
+    errors = snap.get("first_errors") or {}
+    for name, lines in (errors.items() if "error" not in errors else [("(worker logs)", [errors["error"]])]):
+        add(f"== first error block of {name}")
         out.extend(f"  {ln}" for ln in lines)
     add(f"== Serve controller log (newest lines; logs in {snap.get('logs_dir')})")
     out.extend(f"  {ln}" for ln in snap.get("controller_log", []))

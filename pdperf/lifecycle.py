@@ -1,8 +1,10 @@
 """Deployments for a test session: each topology stood up once, shared, torn down at the end.
 
 The pool is what the session fixtures hold. ``get(topology)`` deploys on first use and
-returns the same Endpoint afterwards; when ``max_alive`` deployments are up, the least
-recently used one is torn down first (a 2-core CI machine cannot hold many engines). A
+returns the same Endpoint afterwards; when ``max_alive`` deployments are up, or the next one's
+GPUs would not fit beside those up (``gpu_capacity``), the least recently used one is torn down
+first, even one ``--keep-deployments`` would leave running (a 2-core CI machine cannot hold many
+engines; a 4-GPU machine cannot hold a 2-GPU PD topology, its 1-GPU reference and a 2-GPU one). A
 deployment that failed is remembered with its error, so every test that needs it fails
 fast with the same message instead of retrying a multi-minute start-up.
 """
@@ -35,9 +37,10 @@ class StartupRecord:
 
 class DeploymentPool:
     def __init__(self, factory: Callable[[Topology], Deployment], *, max_alive: int = 2,
-                 timeout_s: float = 900.0):
+                 timeout_s: float = 900.0, gpu_capacity: int | None = None):
         self.factory = factory
         self.max_alive = max(1, max_alive)
+        self.gpu_capacity = gpu_capacity or None  # GPUs of the cluster; None: count deployments only
         self.timeout_s = timeout_s
         self._alive: OrderedDict[str, tuple[Deployment, Endpoint]] = OrderedDict()
         self._failed: dict[str, PdperfError] = {}
@@ -51,8 +54,8 @@ class DeploymentPool:
         if name in self._alive:
             self._alive.move_to_end(name)
             return self._alive[name][1]
-        while len(self._alive) >= self.max_alive:
-            self._stop(next(iter(self._alive)))
+        while self._alive and (len(self._alive) >= self.max_alive or not self._fits(topology)):
+            self._stop(next(iter(self._alive)), evict=True)
         deployment = self.factory(topology)
         self._launch(topology, deployment)
         return self._finish(topology, deployment)
@@ -122,11 +125,17 @@ class DeploymentPool:
         except Exception as e:  # noqa: BLE001 - report the start-up error, not the cleanup's
             log.warning("cleanup after failed start of %s: %s", getattr(deployment, "topology", "?"), e)
 
-    def _stop(self, name: str) -> None:
+    def _fits(self, topology: Topology) -> bool:
+        if self.gpu_capacity is None or topology.device != "gpu":
+            return True
+        used = sum(ep.topology.gpus for _, ep in self._alive.values() if ep.topology.device == "gpu")
+        return used + topology.gpus <= self.gpu_capacity
+
+    def _stop(self, name: str, *, evict: bool = False) -> None:
         deployment, _ = self._alive.pop(name)
         t0 = time.monotonic()
         try:
-            deployment.stop()
+            deployment.stop(evict=evict)
         except Exception as e:  # noqa: BLE001 - recorded and reported by close(); the pool goes on
             self.teardown_errors.append(f"teardown of {name}: {type(e).__name__}: {e}")
         for rec in reversed(self.startups):

@@ -275,6 +275,23 @@ class SessionContext:
         return ExternalDeployment(t, self.external_url, tokenizer=self.tokenizer, model_id=self.external_model)
 
 
+def grouped_order(keys: list[tuple[str, str] | None]) -> list[int]:
+    """The order to run tests in, given each one's (deployment group, topology), None for a test that
+    uses no deployment: every group's tests together, and within a group each topology's, in the
+    order they first appear; a test without a key keeps its place among the groups' first tests.
+    Interleaved topologies (pytest orders smoke tests by function, then parameter) would make the
+    pool tear down and redeploy whenever they do not all fit at once, minutes each on GPUs."""
+    first_group: dict[str, int] = {}
+    first_topo: dict[tuple[str, str], int] = {}
+    sort_keys = []
+    for i, k in enumerate(keys):
+        if k is None:
+            sort_keys.append((i, i, i))
+        else:
+            sort_keys.append((first_group.setdefault(k[0], i), first_topo.setdefault(k, i), i))
+    return sorted(range(len(keys)), key=lambda i: sort_keys[i])
+
+
 def item_topology(item: Any) -> Topology | None:
     callspec = getattr(item, "callspec", None)
     if callspec is None:

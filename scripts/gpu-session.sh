@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# One GPU test-machine session of issue 7 as three device calls, each under the tool's 600 s:
-#   scripts/gpu-session.sh 1   Ray: smoke + sweep (recording baselines) of the collocated and the
-#                              PD topology, deployed side by side and kept up
-#   scripts/gpu-session.sh 2   Ray: the same sweeps again for 220 s, gated against those baselines (or, if
-#                              Ray did not come up in step 1, one retry with the older executor);
-#                              then the no-Ray vllm backend: smoke + sweep of the collocated topology
+# One GPU test-machine session of issue 7 as device calls of under 600 s each (4 GPUs, eager engines):
+#   scripts/gpu-session.sh 1   Ray: smoke (all but the greedy check) + sweep, recording baselines, of
+#                              the collocated and the PD topology, started side by side, kept up
+#   scripts/gpu-session.sh 2   Ray: the same sweeps again, gated against those baselines (adopting the
+#                              kept applications, or deploying them again if they are gone); then the
+#                              PD greedy check beside its 1-GPU collocated reference
 #   scripts/gpu-session.sh 3   Ray: smoke + sweep of the TP2 topology, recorded, then gated once
+#   scripts/gpu-session.sh 4   no Ray (vllm backend): the collocated sweep gated against the committed
+#                              H100 baselines (baselines/h100-x4/.../*.vllm.json), if device time is left
 # The calls go out together (a machine idle for 30 s is given back), so each step reads what the
 # earlier ones left in $STATE and chooses its work from it. Every pytest run goes through
 # scripts/gpu-testmachine.sh (the no-multicast settings, the SIGINT budget, the diagnosis).
@@ -16,7 +18,7 @@
 #   PDPERF_PYTHON=.venv/bin/python OUT=/tmp/o STATE=/tmp/s scripts/gpu-session.sh 1
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step=${1:?usage: scripts/gpu-session.sh 1|2|3}
+step=${1:?usage: scripts/gpu-session.sh 1|2|3|4}
 T_COLLOC=${T_COLLOC:-colloc-2xtp1} T_PD=${T_PD:-pd-1p1-1d1-pack} T_TP2=${T_TP2:-colloc-1xtp2}
 WORKLOAD=${WORKLOAD:-gpu-small-isl1024-osl256}
 read -r -a MODEL <<<"${MODEL_ARGS---model llama-3.1-8b}"
@@ -30,7 +32,6 @@ mkdir -p "$STATE"
 FINAL_OUT=${OUT:-reports}
 export OUT=$STATE/out-$step PDPERF_DIAG_TIMEOUT_S=${PDPERF_DIAG_TIMEOUT_S:-45}
 rm -rf "$OUT"; mkdir -p "$OUT"
-[ -f "$STATE/env" ] && . "$STATE/env"  # engine env vars a retry chose (exported for the Ray head)
 # Baselines live in $STATE, not in the working tree the device tool re-copies on every call; they
 # come back in each step's archive (baselines/<hardware_id>/...) to be committed from there.
 [ -d "$STATE/baselines" ] || cp -r baselines "$STATE/baselines"
@@ -79,40 +80,49 @@ finish() {
 }
 trap finish EXIT
 
+# Delete Serve applications this session keeps (another pytest process's pool does not know them).
+delete_apps() {
+  pgrep -x raylet >/dev/null || return 0
+  timeout 120 "${PDPERF_PYTHON:-python3}" - "$@" <<'PY' 2>&1 | tail -2
+import sys
+import ray
+from ray import serve
+ray.init(address="auto", log_to_driver=False, configure_logging=False)
+for name in sys.argv[1:]:
+    if name in serve.status().applications:
+        serve.delete(name, _blocking=True)
+        print("deleted", name)
+PY
+}
+
 both=(--topology "$T_COLLOC" --topology "$T_PD")
+common=(--workload "$WORKLOAD" "${MODEL[@]}" "${ENGINE[@]}" --keep-deployments)
 case $step in
 1)
   scripts/gpu-testmachine.sh --stop
-  suite ray-record 520 -m "smoke or sweep" "${both[@]}" --workload "$WORKLOAD" "${MODEL[@]}" "${ENGINE[@]}" \
-    --keep-deployments --update-baselines --deploy-timeout 360
+  # The greedy check needs a third application (the PD topology's 1-GPU reference): 5 GPUs with
+  # these two, so it runs in step 2. Both start side by side (4 GPUs).
+  suite ray-record 520 -m "smoke or sweep" -k "not greedy" "${both[@]}" "${common[@]}" --update-baselines \
+    --deploy-timeout 300
   log "running after step 1: [$(running_apps | tee "$STATE/running")]"
   ;;
 2)
-  up=$(running_apps)
-  log "running: [$up]"
-  if [ -n "$up" ]; then  # the gated rerun: the collocated sweep (the PD one too if the call has time)
-    gated=()
-    for t in "$T_COLLOC" "$T_PD"; do case " $up " in *" $t "*) gated+=(--topology "$t") ;; esac; done
-    suite ray-gate 220 -m sweep "${gated[@]}" --workload "$WORKLOAD" "${MODEL[@]}" "${ENGINE[@]}" --keep-deployments
-  else
-    log "no Ray application came up in step 1: one retry with vLLM's older Ray executor"
-    scripts/gpu-testmachine.sh --stop
-    echo "export VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0" >"$STATE/env"; . "$STATE/env"
-    suite ray-retry 300 -m "smoke or sweep" --topology "$T_COLLOC" --workload "$WORKLOAD" "${MODEL[@]}" \
-      "${ENGINE[@]}" --keep-deployments --update-baselines --deploy-timeout 240
-  fi
-  scripts/gpu-testmachine.sh --stop  # the vllm backend takes GPUs from 0 up: nothing else may hold them
-  suite vllm-record 400 -m "smoke or sweep" --backend vllm --topology "$T_COLLOC" --workload "$WORKLOAD" \
-    "${MODEL[@]}" "${ENGINE[@]}" --update-baselines --deploy-timeout 240
+  log "running: [$(running_apps)] (step 1 left: [$(cat "$STATE/running" 2>/dev/null)])"
+  suite ray-gate 360 -m sweep "${both[@]}" "${common[@]}" --deploy-timeout 240
+  delete_apps "$T_COLLOC"  # frees 2 GPUs for the reference beside the PD topology
+  suite ray-greedy 200 -m smoke -k greedy --topology "$T_PD" "${common[@]}" --deploy-timeout 180
   ;;
 3)
-  pkill -f 'pdperf.backends.pd_proxy' 2>/dev/null
   scripts/gpu-testmachine.sh --stop
-  suite ray-tp2-record 380 -m "smoke or sweep" --topology "$T_TP2" --workload "$WORKLOAD" "${MODEL[@]}" \
-    "${ENGINE[@]}" --keep-deployments --update-baselines --deploy-timeout 300
+  suite ray-tp2-record 380 -m "smoke or sweep" --topology "$T_TP2" "${common[@]}" --update-baselines \
+    --deploy-timeout 300
   case " $(running_apps) " in *" $T_TP2 "*) ;; *) log "$T_TP2 is not running: no gated rerun"; exit 0 ;; esac
-  suite ray-tp2-gate 200 -m sweep --topology "$T_TP2" --workload "$WORKLOAD" "${MODEL[@]}" "${ENGINE[@]}" \
-    --keep-deployments
+  suite ray-tp2-gate 200 -m sweep --topology "$T_TP2" "${common[@]}"
   ;;
-*) echo "step must be 1, 2 or 3" >&2; exit 2 ;;
+4)
+  scripts/gpu-testmachine.sh --stop
+  suite vllm-gate 400 -m sweep --backend vllm --topology "$T_COLLOC" --workload "$WORKLOAD" "${MODEL[@]}" \
+    "${ENGINE[@]}" --deploy-timeout 200
+  ;;
+*) echo "step must be 1, 2, 3 or 4" >&2; exit 2 ;;
 esac

@@ -63,7 +63,9 @@ class Deployment:
         self.launch()
         return self.wait_ready(timeout_s)
 
-    def stop(self) -> None:  # pragma: no cover - interface
+    def stop(self, *, evict: bool = False) -> None:  # pragma: no cover - interface
+        """Tear down. ``evict``: the pool needs the resources for another topology, so even a deployment
+        that ``--keep-deployments`` would leave running at the end of the session goes."""
         raise NotImplementedError
 
 

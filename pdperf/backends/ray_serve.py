@@ -423,9 +423,9 @@ class RayServeDeployment(Deployment):
             details={"app": self.app, "ray_address": self.cluster.address or "local", "adopted": self._adopted,
                      "stream_batching_interval_ms": self.stream_batching_interval_ms})
 
-    def stop(self, timeout_s: float = 120.0) -> None:
+    def stop(self, timeout_s: float = 120.0, *, evict: bool = False) -> None:
         """Delete the application and check that its replicas and placement groups are gone."""
-        if self.keep:
+        if self.keep and not evict:
             log.warning("topology %s: left running (--keep-deployments)", self.topology.name)
             return
         if not self._started and not getattr(self, "_adopted", False):

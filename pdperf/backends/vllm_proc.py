@@ -212,7 +212,7 @@ class VllmProcessDeployment(Deployment):
                         restart_counter=lambda: 0, log_tail=self.log_tail,
                         details={"engines": {p.name: p.url for p in all_engines}, "logs": str(self.log_dir)})
 
-    def stop(self) -> None:
+    def stop(self, *, evict: bool = False) -> None:
         for p in reversed(self.procs):
             kill_process_group(p.proc)
         self.procs.clear()
@@ -257,5 +257,5 @@ class ExternalDeployment(Deployment):
                         tokenizer_path=tokenizer, metrics_urls=self.metrics_urls, startup_s=0.0,
                         details={"url": self.url})
 
-    def stop(self) -> None:
+    def stop(self, *, evict: bool = False) -> None:
         pass

@@ -59,6 +59,23 @@ def test_replica_logs_pick_engine_replicas_by_pid(tmp_path):
     assert logs == {"ServeReplica:a:LLMServer:a (pid 42, ALIVE)": ["loading", "compiling"]}
 
 
+def test_first_errors_find_the_engines_root_cause_above_the_repeats(tmp_path):
+    """4x H100: the diagnosis's last 60 lines held only "EngineCore encountered an issue" repeats."""
+    from pdperf.diagnose import first_errors, render
+
+    (tmp_path / "worker-aa-01000000-42.err").write_text(
+        "INFO loading\n(EngineCore pid=7) ERROR 11-27 [core.py:1330] EngineCore failed to start.\n"
+        "(EngineCore pid=7) ERROR 11-27 [core.py:1330] Traceback (most recent call last):\n"
+        "(EngineCore pid=7) ERROR 11-27 [core.py:1330] torch.distributed.DistNetworkError: port: 100 EADDRINUSE\n"
+        + "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue.\n" * 50)
+    (tmp_path / "worker-bb-01000000-43.err").write_text("INFO all fine\n")
+    found = first_errors(tmp_path, n=3)
+    assert list(found) == ["worker-aa-01000000-42.err"]
+    assert found["worker-aa-01000000-42.err"][0].endswith("EngineCore failed to start.")
+    assert "EADDRINUSE" in found["worker-aa-01000000-42.err"][2]
+    assert "== first error block of worker-aa-01000000-42.err" in render({"first_errors": found})
+
+
 def test_cli_unreachable_address_is_one_error_line():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-m", "pdperf.cli", "diagnose", "--ray-address", f"127.0.0.1:{free_port()}"],

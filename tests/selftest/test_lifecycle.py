@@ -50,8 +50,8 @@ class FakeDeployment(Deployment):
                         model_id=self.topology.name, tokenizer_path=Path("/nonexistent"), startup_s=1.5,
                         details={"fake": True})
 
-    def stop(self) -> None:
-        self.calls.append(("stop", self.topology.name))
+    def stop(self, *, evict: bool = False) -> None:
+        self.calls.append(("evict" if evict else "stop", self.topology.name))
         if self.fail_stop is not None:
             raise self.fail_stop
 
@@ -96,9 +96,35 @@ def test_max_alive_evicts_the_least_recently_used():
     pool.get(A)  # A is now the most recently used
     pool.get(C)
     assert pool.alive() == ["topo-a", "topo-c"]
-    assert backend.calls[-3:] == [("stop", "topo-b"), ("launch", "topo-c"), ("ready", "topo-c")]
+    assert backend.calls[-3:] == [("evict", "topo-b"), ("launch", "topo-c"), ("ready", "topo-c")]
     b_record = next(r for r in pool.startups if r.topology == "topo-b")
     assert b_record.teardown_s is not None and b_record.teardown_s >= 0
+
+
+def gpu_topology(name: str, tp: int, replicas: int = 1, kind: str = "collocated") -> Topology:
+    roles = ({"collocated": {"tp": tp, "replicas": replicas}} if kind == "collocated" else
+             {"prefill": {"tp": tp, "replicas": replicas}, "decode": {"tp": tp, "replicas": replicas}})
+    return Topology(name=name, kind=kind, device="gpu", model="llama-3.1-8b", **roles)
+
+
+def test_gpu_capacity_evicts_until_the_next_topology_fits():
+    """4 GPUs: a 2-GPU collocated topology, then PD 1P1D (2 GPUs) and its 1-GPU greedy reference."""
+    backend = FakeBackend()
+    pool = DeploymentPool(backend, max_alive=3, gpu_capacity=4)
+    colloc, pd, ref = gpu_topology("colloc-2xtp1", 1, 2), gpu_topology("pd-1p1-1d1", 1, kind="pd"), gpu_topology(
+        "colloc-1xtp1", 1)
+    pool.get(colloc)
+    pool.get(pd)
+    assert pool.alive() == ["colloc-2xtp1", "pd-1p1-1d1"]  # 4 of 4 GPUs
+    pool.get(ref)  # needs 1 more: the least recently used goes, even if --keep-deployments would keep it
+    assert pool.alive() == ["pd-1p1-1d1", "colloc-1xtp1"]
+    assert ("evict", "colloc-2xtp1") in backend.calls
+    pool.close()
+    assert backend.calls[-2:] == [("stop", "pd-1p1-1d1"), ("stop", "colloc-1xtp1")]  # the end of the session
+    cpu = DeploymentPool(FakeBackend(), max_alive=3, gpu_capacity=0)  # the CPU stack: count only
+    for t in (A, B, C):
+        cpu.get(t)
+    assert cpu.alive() == ["topo-a", "topo-b", "topo-c"]
 
 
 def test_evicted_topology_is_deployed_again_when_needed():
@@ -108,7 +134,7 @@ def test_evicted_topology_is_deployed_again_when_needed():
     pool.get(B)
     pool.get(A)
     assert backend.count("launch", "topo-a") == 2
-    assert backend.calls.index(("stop", "topo-b")) < backend.calls.index(("launch", "topo-a"), 1)
+    assert backend.calls.index(("evict", "topo-b")) < backend.calls.index(("launch", "topo-a"), 1)
 
 
 def test_failed_start_is_remembered_without_a_second_start():

@@ -326,3 +326,14 @@ def test_vllm_backend_gpu_ledger_never_hands_one_gpu_to_two_live_deployments():
         ledger.take("colloc-1xtp2", 2)
     ledger.release("pd-1p1-1d1-pack")
     assert ledger.take("colloc-1xtp2", 2) == ["2", "3"]
+
+
+def test_grouped_order_runs_each_deployment_groups_tests_together():
+    from pdperf.selection import grouped_order
+
+    # pytest's own order: smoke by function then topology, then the sweeps (seen on 4x H100: the pool
+    # would have redeployed colloc-2xtp1 after the PD group's reference had evicted it)
+    c2, ref, pd = ("colloc-2xtp1", "colloc-2xtp1"), ("colloc-1xtp1", "colloc-1xtp1"), ("colloc-1xtp1", "pd-1p1-1d1")
+    keys = [c2, pd, None, ref, c2, pd, ref, c2]
+    assert grouped_order(keys) == [0, 4, 7, 1, 5, 3, 6, 2]  # c2's tests; then the PD group: PD's, its reference's
+    assert grouped_order([None, None]) == [0, 1] and grouped_order([]) == []
