@@ -2,9 +2,10 @@
 
 Each engine of the topology is one ``vllm serve`` process on a free port (on GPU machines its
 GPUs through CUDA_VISIBLE_DEVICES, never ones another live deployment of the session holds); PD
-and multi-replica topologies get the small proxy in ``pd_proxy``. Single-node only: a multi-node topology is skipped with
-the reason. Every process is started in its own process group and killed as a group.
-Readiness races every engine's ``/health`` against its process exiting.
+and multi-replica topologies get the small proxy in ``pd_proxy``. Single-node only: a
+multi-node topology is skipped with the reason. Every process is started in its own process
+group and killed as a group. Readiness races every engine's ``/health`` against its process
+exiting.
 """
 
 from __future__ import annotations
@@ -62,23 +63,16 @@ def vllm_cli() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 
 
-def gpu_count() -> int:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([x for x in visible.split(",") if x.strip()])
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(1 for ln in out.stdout.splitlines() if ln.startswith("GPU "))
-
-
 def visible_gpus() -> list[str]:
-    """This process's GPUs as CUDA_VISIBLE_DEVICES entries (its own list when set, else nvidia-smi's count)."""
+    """This process's GPUs as CUDA_VISIBLE_DEVICES entries: its own list when set, else 0..n-1 from nvidia-smi."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [x.strip() for x in visible.split(",") if x.strip()]
-    return [str(i) for i in range(gpu_count())]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i in range(sum(1 for ln in out.stdout.splitlines() if ln.startswith("GPU ")))]
 
 
 class GpuLedger:
