@@ -22,8 +22,9 @@ step=${1:?usage: scripts/gpu-session.sh 1|2|3|4}
 T_COLLOC=${T_COLLOC:-colloc-2xtp1} T_PD=${T_PD:-pd-1p1-1d1-pack} T_TP2=${T_TP2:-colloc-1xtp2}
 WORKLOAD=${WORKLOAD:-gpu-small-isl1024-osl256}
 read -r -a MODEL <<<"${MODEL_ARGS---model llama-3.1-8b}"
-# Eager engines (no torch.compile, no CUDA graphs): a start-up in about a minute instead of four,
-# the only way three topologies fit 30 minutes of device time. Numbers are eager numbers.
+# Eager engines (no torch.compile, no CUDA graphs): a Ray start-up in about two minutes instead of
+# four or more (measured on 4x H100), the only way three topologies fit 30 minutes of device time.
+# Numbers are eager numbers: they compare topologies and paths, not the model's production speed.
 read -r -a ENGINE <<<"${ENGINE_ARGS---engine-arg enforce_eager=true}"
 read -r -a EXTRA <<<"${EXTRA_ARGS:-}"  # more pytest arguments for every run (a rehearsal: --requests-scale 0.2)
 CALL_LIMIT_S=${CALL_LIMIT_S:-585}  # the device tool kills a call at 600 s
