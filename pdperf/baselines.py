@@ -465,15 +465,23 @@ class GateResult:
 
 
 def _env_differences(current: dict[str, Any], baseline: dict[str, Any], limit: int = 8) -> list[str]:
+    """``key old -> new`` per differing scalar key; a key absent on one side (as ``co_resident``
+    of a point measured alone) or empty reads ``(none)``, and absent equals empty."""
     diffs = []
     for key in sorted(set(current) | set(baseline)):
         a, b = baseline.get(key), current.get(key)
         if isinstance(a, (dict, list)) or isinstance(b, (dict, list)) or a == b:
             continue
-        diffs.append(f"{key} {a} -> {b}")
+        if a in (None, "") and b in (None, ""):
+            continue
+        diffs.append(f"{key} {_shown(a)} -> {_shown(b)}")
     if len(diffs) > limit:
         diffs = diffs[:limit] + [f"... {len(diffs) - limit} more"]
     return diffs
+
+
+def _shown(value: Any) -> Any:
+    return "(none)" if value in (None, "") else value
 
 
 def judge_metric(gate: Gate, current: np.ndarray, baseline: np.ndarray, *, alpha: float, ci_level: float,

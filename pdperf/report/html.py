@@ -376,10 +376,22 @@ def _topology_tables(run: RunData, summaries: dict[str, dict]) -> str:
             cells.append('<td class="flags">' + " ".join(_flag(f) for f in p.flags) + "</td>")
             rows.append(f'<tr class="{"flagged" if p.flags else ""}">{"".join(cells)}</tr>')
         out.append(f"<h3>{escape(topo)} <span class=\"note\">{'PD' if kind == 'pd' else 'collocated'}, "
-                   f"{escape(gpu_text)}</span></h3><div class=\"scroll\"><table class=\"results\">"
+                   f"{escape(gpu_text)}{_co_resident_text(pts)}</span></h3>"
+                   "<div class=\"scroll\"><table class=\"results\">"
                    f"<tr>{''.join(hdr1)}</tr>"
                    f"<tr>{hdr2}</tr>{''.join(rows)}</table></div>")
     return "".join(out)
+
+
+def _co_resident_text(pts: list[PointResult]) -> str:
+    """", measured beside X" when other deployments of the pool were up during the points
+    (environment ``co_resident``); points of one topology measured alone and beside others say both."""
+    seen = {str(p.environment.get("co_resident") or "") for p in pts}
+    beside = sorted(seen - {""})
+    if not beside:
+        return ""
+    alone = " (some points alone)" if "" in seen else ""
+    return escape(f", measured beside {' / '.join(b.replace(',', ', ') for b in beside)}{alone}")
 
 
 def _groups(points: Iterable[PointResult]) -> dict[tuple[str, str], list[PointResult]]:

@@ -1,0 +1,108 @@
+"""Deployments up beside the measured one: recorded with each point (``co_resident``), noted by the
+baseline gate, shown in the report. On 4x H100 a collocated topology's TPOT p50 went from 14.5 ms
+alone to 26 ms with an idle PD app up beside it, so a point must say what shared the machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fixtures.reporting import _point_html, co_resident, point_environment
+from pdperf.backends.base import Deployment, Endpoint
+from pdperf.baselines import compare_point, gate_point, load_thresholds, point_samples, write_baseline
+from pdperf.lifecycle import DeploymentPool
+from pdperf.report import build_report
+from pdperf.report.synthetic import synthetic_point
+from pdperf.results import save_point
+from pdperf.specs import Topology
+
+pytestmark = pytest.mark.selftest
+
+CPU = "cpu-2c-test"
+
+
+def topology(name: str, kind: str = "collocated") -> Topology:
+    if kind == "pd":
+        return Topology(name=name, kind="pd", device="cpu", model="tiny-llama",
+                        prefill={"replicas": 1, "tp": 1}, decode={"replicas": 1, "tp": 1})
+    return Topology(name=name, kind="collocated", device="cpu", model="tiny-llama", collocated={"tp": 1})
+
+
+class Up(Deployment):
+    backend = "fake"
+
+    def __init__(self, topo: Topology):
+        self.topology = topo
+
+    def launch(self) -> None:
+        pass
+
+    def wait_ready(self, timeout_s: float) -> Endpoint:
+        return Endpoint(topology=self.topology, backend=self.backend, base_url="http://fake", model_id="m",
+                        tokenizer_path=Path("/nonexistent"), startup_s=1.25, details={"app": self.topology.name})
+
+    def stop(self, *, evict: bool = False) -> None:
+        pass
+
+
+FINGERPRINT = {"hardware_id": CPU, "vllm_version": "0.32.0"}
+
+
+def test_point_environment_names_the_other_deployments_up_sorted():
+    pool = DeploymentPool(Up, max_alive=3)
+    colloc = pool.get(topology("colloc-2xtp1"))
+    assert "co_resident" not in point_environment(FINGERPRINT, colloc, pool=pool)  # alone: no key
+    pool.get(topology("pd-ray-1p1d", "pd"))
+    pool.get(topology("colloc-1x"))
+    env = point_environment(FINGERPRINT, colloc, pool=pool, engine_overrides={"max_num_seqs": 8})
+    assert env["co_resident"] == "colloc-1x,pd-ray-1p1d"
+    assert env["hardware_id"] == CPU and env["deploy_app"] == "colloc-2xtp1" and env["startup_s"] == 1.2
+    assert env["engine_overrides"] == '{"max_num_seqs": 8}'
+    pool.close()
+    assert "co_resident" not in point_environment(FINGERPRINT, colloc, pool=pool)
+
+
+def test_no_pool_means_no_co_resident_key():  # e.g. an endpoint made without the session's pool
+    endpoint = Up(topology("external")).wait_ready(1)
+    assert co_resident(None, "external") == ""
+    assert "co_resident" not in point_environment(FINGERPRINT, endpoint, pool=None)
+
+
+def _point(seed: int, **env):
+    return synthetic_point("colloc-2xtp1", "isl128-osl8", 4, n=150, output_tokens=8, seed=seed,
+                           environment={**FINGERPRINT, **env})
+
+
+def _entry(p):
+    return {"samples": point_samples(p), "flags": list(p.flags)}
+
+
+def test_gate_notes_a_point_measured_beside_others_against_one_measured_alone(tmp_path):
+    thresholds = load_thresholds()
+    alone, beside = _point(1), _point(2, co_resident="pd-ray-1p1d")
+    write_baseline(tmp_path, [alone])
+    g = gate_point(tmp_path, beside, thresholds)
+    assert "environment differs: co_resident (none) -> pd-ray-1p1d" in g.notes
+    back = compare_point(alone, _entry(beside), beside.environment, thresholds)
+    assert "environment differs: co_resident pd-ray-1p1d -> (none)" in back.notes
+    # alone against alone, whether the key is absent (baselines from before it) or empty: no note
+    for env in ({}, {"co_resident": ""}):
+        g = compare_point(_point(3, **env), _entry(alone), alone.environment, thresholds)
+        assert not [n for n in g.notes if "co_resident" in n], g.notes
+
+
+def test_report_says_what_a_topology_was_measured_beside(tmp_path):
+    run_dir = tmp_path / "run-beside"
+    for i, env in enumerate(({"co_resident": "colloc-1x,pd-ray-1p1d"}, {})):
+        p = synthetic_point("colloc-2xtp1", "w", 4 * (i + 1), n=12, output_tokens=3, seed=i,
+                            environment={"hardware_id": CPU, **env})
+        save_point(run_dir / "points" / f"p{i}.json", p)
+        if env:
+            assert "measured beside colloc-1x,pd-ray-1p1d" in _point_html(p)  # pytest-html's per-test extra
+    lone = synthetic_point("pd-1p1d", "w", 4, n=12, output_tokens=3, seed=5, environment={"hardware_id": CPU})
+    save_point(run_dir / "points" / "lone.json", lone)
+    assert "measured beside" not in _point_html(lone)
+    html = build_report(run_dir).read_text()
+    assert "collocated, 2 GPUs, measured beside colloc-1x, pd-ray-1p1d (some points alone)</span>" in html
+    assert html.count("measured beside") == 1  # the lone PD topology says nothing
