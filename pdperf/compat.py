@@ -7,8 +7,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
-from typing import Any
+from typing import Any, Callable, Iterator
 
 
 def version(dist: str) -> str | None:
@@ -77,3 +78,34 @@ def serve_run_nowait(app: Any, *, name: str, route_prefix: str) -> None:
         run(app, _blocking=False, name=name, route_prefix=route_prefix)
     else:  # pragma: no cover - older Ray
         serve.run(app, name=name, route_prefix=route_prefix)
+
+
+def llm_server_cls() -> type:
+    """Ray Serve LLM's collocated server class (Ray 2.58 and 2.60: core/server/llm_server.py)."""
+    from ray.llm._internal.serve.core.server.llm_server import LLMServer
+
+    return LLMServer
+
+
+@contextlib.contextmanager
+def pd_server_classes(wrap: Callable[[type], type]) -> Iterator[bool]:
+    """While building a PD app, ``build_pd_openai_app`` uses ``wrap(cls)`` for its prefill and decode
+    server classes (Ray 2.58 and 2.60 look them up as globals of the PD builder module at call time;
+    it has no option for them). Yields False, and changes nothing, where that module is not as expected."""
+    try:
+        from ray.llm._internal.serve.serving_patterns.prefill_decode import builder
+    except ImportError:
+        yield False
+        return
+    names = [n for n in ("PDPrefillServer", "PDDecodeServer") if isinstance(getattr(builder, n, None), type)]
+    if len(names) != 2:
+        yield False
+        return
+    saved = {n: getattr(builder, n) for n in names}
+    try:
+        for n, cls in saved.items():
+            setattr(builder, n, wrap(cls))
+        yield True
+    finally:
+        for n, cls in saved.items():
+            setattr(builder, n, cls)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pdperf import compat
+from pdperf.backends import ray_replica
 from pdperf.backends.base import Deployment, Endpoint, ray_worker_log, tail_file
 from pdperf.cluster import NodeInfo, nodes_from_ray
 from pdperf.errors import ClusterError, DeployError
@@ -50,9 +51,11 @@ CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
 # first free port from VLLM_DP_MASTER_PORT + 100 (default 0, so port 100) on every engine of a
 # node: engines that start together all pick the same port and all but one die with
 # `DistNetworkError … EADDRINUSE` (seen on 4x H100: a PD prefill failed three times in a row and
-# Serve gave its application up). Each role of a GPU topology gets its own base instead, far from
-# Ray's ports (6379, 8265, 10002-19999 workers), Serve's 8000 and NIXL's 20000/22000; replicas of
-# one role still share a base and can still collide once (Serve restarts the loser).
+# Serve gave its application up; two replicas of one role raced and one restarted). Each replica
+# picks a free port of its own when it starts (pdperf/backends/ray_replica.py); each role's
+# runtime_env also carries a base of its own (far from Ray's ports 6379, 8265, 10002-19999,
+# Serve's 8000 and NIXL's 20000/22000), which is what remains where Ray's server classes cannot
+# be wrapped.
 TCPSTORE_BASES = range(23000, 32000, 160)
 
 
@@ -224,8 +227,9 @@ def llm_config(t: Topology, role: str, model_path: Path, placement: PlacementPla
     """The LLMConfig (as a dict) for one role of a topology."""
     r = t.roles()[role]
     env = engine_env(t, local)
-    if t.device == "gpu" and tcpstore_base is not None:
-        env = {"VLLM_DP_MASTER_PORT": str(tcpstore_base), **env}  # the topology's own env wins
+    if t.device == "gpu" and tcpstore_base is not None and "VLLM_DP_MASTER_PORT" not in env:
+        # the topology's own VLLM_DP_MASTER_PORT wins over both
+        env = {"VLLM_DP_MASTER_PORT": str(tcpstore_base), ray_replica.MARK: ray_replica.MARK_VALUE, **env}
     experimental: dict[str, Any] = {"stream_batching_interval_ms": stream_batching_interval_ms}
     if t.kind == "pd":
         experimental["_prewarm_prefill_decode"] = True
@@ -247,15 +251,24 @@ def build_app(t: Topology, model_path: Path, placement: PlacementPlan, local: bo
     ingress = {"num_replicas": t.ingress_replicas}
     kw = {"stream_batching_interval_ms": stream_batching_interval_ms}
     bases = random.SystemRandom().sample(TCPSTORE_BASES, 2)  # a different one per role
+    # The server classes, wrapped to pick a port per replica, travel by value: a Ray worker on
+    # another node need not import pdperf.
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(ray_replica)
     if t.kind == "collocated":
-        return build_openai_app({"llm_configs": [llm_config(t, "collocated", model_path, placement, local, **kw,
-                                                            tcpstore_base=bases[0])],
-                                 "ingress_deployment_config": ingress})
-    return build_pd_openai_app({
-        "prefill_config": llm_config(t, "prefill", model_path, placement, local, **kw, tcpstore_base=bases[0]),
-        "decode_config": llm_config(t, "decode", model_path, placement, local, **kw, tcpstore_base=bases[1]),
-        "ingress_deployment_config": ingress,
-    })
+        cfg = llm_config(t, "collocated", model_path, placement, local, **kw, tcpstore_base=bases[0])
+        cfg["server_cls"] = ray_replica.own_port(compat.llm_server_cls())
+        return build_openai_app({"llm_configs": [cfg], "ingress_deployment_config": ingress})
+    with compat.pd_server_classes(ray_replica.own_port) as wrapped:
+        if not wrapped:
+            log.warning("topology %s: this Ray's PD builder is not the one pdperf knows; replicas of one role "
+                        "share a torch.distributed port base and may restart once at start-up", t.name)
+        return build_pd_openai_app({
+            "prefill_config": llm_config(t, "prefill", model_path, placement, local, **kw, tcpstore_base=bases[0]),
+            "decode_config": llm_config(t, "decode", model_path, placement, local, **kw, tcpstore_base=bases[1]),
+            "ingress_deployment_config": ingress,
+        })
 
 
 def _replica_actors(app: str) -> list[dict[str, Any]]:

@@ -234,6 +234,7 @@ def test_gpu_counts_ingress_and_engine_logical_cpus():
 def test_ray_llm_config_gives_each_gpu_role_its_own_tcpstore_port_base(tmp_path):
     """vLLM 0.26's Ray executor scans for its torch.distributed port from VLLM_DP_MASTER_PORT + 100 (default:
     port 100 on every engine): engines starting together collided (EADDRINUSE) on 4x H100."""
+    from pdperf.backends import ray_replica
     from pdperf.backends.ray_serve import TCPSTORE_BASES, llm_config
 
     t = pd("pd-1p1-1d1", 1, 1)
@@ -242,7 +243,10 @@ def test_ray_llm_config_gives_each_gpu_role_its_own_tcpstore_port_base(tmp_path)
     decode = llm_config(t, "decode", tmp_path, p, local=False, tcpstore_base=TCPSTORE_BASES[1])
     assert prefill["runtime_env"]["env_vars"]["VLLM_DP_MASTER_PORT"] == "23000"
     assert decode["runtime_env"]["env_vars"]["VLLM_DP_MASTER_PORT"] == "23160"
+    # ... and asks each replica to pick a free port of its own (pdperf/backends/ray_replica.py)
+    assert prefill["runtime_env"]["env_vars"][ray_replica.MARK] == ray_replica.MARK_VALUE
     own = pd("pd-own", 1, 1, env={"VLLM_DP_MASTER_PORT": "40000"})  # a topology's own env wins
-    assert llm_config(own, "prefill", tmp_path, plan(own, [gpu_node(1)]), local=False,
-                      tcpstore_base=23000)["runtime_env"]["env_vars"]["VLLM_DP_MASTER_PORT"] == "40000"
+    own_env = llm_config(own, "prefill", tmp_path, plan(own, [gpu_node(1)]), local=False,
+                         tcpstore_base=23000)["runtime_env"]["env_vars"]
+    assert own_env["VLLM_DP_MASTER_PORT"] == "40000" and ray_replica.MARK not in own_env
     assert all(b + 131 < 32768 and not 20000 <= b + 100 < 22200 for b in TCPSTORE_BASES)  # below ephemeral ports
