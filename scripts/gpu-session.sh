@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# One GPU test-machine session of issue 7 as device calls of under 600 s each (4 GPUs, eager engines):
-#   scripts/gpu-session.sh 1   Ray: smoke (all but the greedy check) + sweep, recording baselines, of
-#                              the collocated and the PD topology, started side by side, kept up
-#   scripts/gpu-session.sh 2   Ray: the same sweeps again, gated against those baselines (adopting the
-#                              kept applications, or deploying them again if they are gone); then the
-#                              PD greedy check beside its 1-GPU collocated reference
-#   scripts/gpu-session.sh 3   Ray: smoke + sweep of the TP2 topology, recorded, then gated once
-#   scripts/gpu-session.sh 4   no Ray (vllm backend): the collocated sweep gated against the committed
-#                              H100 baselines (baselines/h100-x4/.../*.vllm.json), if device time is left
+# One GPU test-machine session of issue 7 as device calls of under 600 s each (4 GPUs, eager engines).
+# One topology per step, nothing else up while it is measured (session 4 measured colloc-2xtp1
+# beside an idle PD app: ITL x1.8 at c1 against session 3's alone, cause unproven):
+#   scripts/gpu-session.sh 1   Ray PD 1P1D: smoke (all but the greedy check) + sweep, recording baselines, kept up
+#   scripts/gpu-session.sh 2   Ray PD: the sweep again, gated against those baselines (adopting the kept
+#                              application, or deploying it again); then the greedy check beside its
+#                              1-GPU collocated reference
+#   scripts/gpu-session.sh 3   Ray colloc-2xtp1 alone: smoke + sweep, recording baselines, kept up
+#   scripts/gpu-session.sh 4   Ray colloc-2xtp1: the sweep again, gated
+#   scripts/gpu-session.sh 5   Ray colloc-1xtp2 (TP2): smoke + sweep recorded, then gated as far as time goes
+#   scripts/gpu-session.sh 6   no Ray (vllm backend): colloc-2xtp1's sweep gated against the committed
+#                              baselines (baselines/h100-x4/.../*.vllm.json)
+# Measured on 4x H100, eager: a Ray start-up 150-320 s (a replica restart costs ~150 s), smoke ~60 s,
+# the sweep 260-300 s (c1 alone 106-133 s: 20 sequential requests of 256 tokens).
 # The calls go out together (a machine idle for 30 s is given back), so each step reads what the
 # earlier ones left in $STATE and chooses its work from it. Every pytest run goes through
 # scripts/gpu-testmachine.sh (the no-multicast settings, the SIGINT budget, the diagnosis).
@@ -18,7 +23,7 @@
 #   PDPERF_PYTHON=.venv/bin/python OUT=/tmp/o STATE=/tmp/s scripts/gpu-session.sh 1
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step=${1:?usage: scripts/gpu-session.sh 1|2|3|4}
+step=${1:?usage: scripts/gpu-session.sh 1|2|3|4|5|6}
 T_COLLOC=${T_COLLOC:-colloc-2xtp1} T_PD=${T_PD:-pd-1p1-1d1-pack} T_TP2=${T_TP2:-colloc-1xtp2}
 WORKLOAD=${WORKLOAD:-gpu-small-isl1024-osl256}
 read -r -a MODEL <<<"${MODEL_ARGS---model llama-3.1-8b}"
@@ -81,49 +86,41 @@ finish() {
 }
 trap finish EXIT
 
-# Delete Serve applications this session keeps (another pytest process's pool does not know them).
-delete_apps() {
-  pgrep -x raylet >/dev/null || return 0
-  timeout 120 "${PDPERF_PYTHON:-python3}" - "$@" <<'PY' 2>&1 | tail -2
-import sys
-import ray
-from ray import serve
-ray.init(address="auto", log_to_driver=False, configure_logging=False)
-for name in sys.argv[1:]:
-    if name in serve.status().applications:
-        serve.delete(name, _blocking=True)
-        print("deleted", name)
-PY
-}
-
-both=(--topology "$T_COLLOC" --topology "$T_PD")
 common=(--workload "$WORKLOAD" "${MODEL[@]}" "${ENGINE[@]}" --keep-deployments)
+record() {  # $1 = log name, $2 = topology: smoke (no greedy check) + sweep, baselines written
+  suite "$1" 520 -m "smoke or sweep" -k "not greedy" --topology "$2" "${common[@]}" --update-baselines \
+    --deploy-timeout 360
+  log "running after $1: [$(running_apps | tee "$STATE/running")]"
+}
 case $step in
 1)
   scripts/gpu-testmachine.sh --stop
-  # The greedy check needs a third application (the PD topology's 1-GPU reference): 5 GPUs with
-  # these two, so it runs in step 2. Both start side by side (4 GPUs).
-  suite ray-record 520 -m "smoke or sweep" -k "not greedy" "${both[@]}" "${common[@]}" --update-baselines \
-    --deploy-timeout 300
-  log "running after step 1: [$(running_apps | tee "$STATE/running")]"
+  record ray-pd-record "$T_PD"
   ;;
 2)
-  log "running: [$(running_apps)] (step 1 left: [$(cat "$STATE/running" 2>/dev/null)])"
-  suite ray-gate 360 -m sweep "${both[@]}" "${common[@]}" --deploy-timeout 240
-  delete_apps "$T_COLLOC"  # frees 2 GPUs for the reference beside the PD topology
+  log "running: [$(running_apps)] (the last step left: [$(cat "$STATE/running" 2>/dev/null)])"
+  suite ray-pd-gate 360 -m sweep --topology "$T_PD" "${common[@]}" --deploy-timeout 300
   suite ray-greedy 200 -m smoke -k greedy --topology "$T_PD" "${common[@]}" --deploy-timeout 180
   ;;
 3)
   scripts/gpu-testmachine.sh --stop
-  suite ray-tp2-record 380 -m "smoke or sweep" --topology "$T_TP2" "${common[@]}" --update-baselines \
-    --deploy-timeout 300
-  case " $(running_apps) " in *" $T_TP2 "*) ;; *) log "$T_TP2 is not running: no gated rerun"; exit 0 ;; esac
-  suite ray-tp2-gate 200 -m sweep --topology "$T_TP2" "${common[@]}"
+  record ray-colloc-record "$T_COLLOC"
   ;;
 4)
+  log "running: [$(running_apps)] (the last step left: [$(cat "$STATE/running" 2>/dev/null)])"
+  suite ray-colloc-gate 520 -m sweep --topology "$T_COLLOC" "${common[@]}" --deploy-timeout 300
+  ;;
+5)
   scripts/gpu-testmachine.sh --stop
-  suite vllm-gate 400 -m sweep --backend vllm --topology "$T_COLLOC" --workload "$WORKLOAD" "${MODEL[@]}" \
+  suite ray-tp2-record 380 -m "smoke or sweep" -k "not greedy" --topology "$T_TP2" "${common[@]}" \
+    --update-baselines --deploy-timeout 300
+  case " $(running_apps) " in *" $T_TP2 "*) ;; *) log "$T_TP2 is not running: no gated rerun"; exit 0 ;; esac
+  suite ray-tp2-gate 300 -m sweep --topology "$T_TP2" "${common[@]}"
+  ;;
+6)
+  scripts/gpu-testmachine.sh --stop
+  suite vllm-gate 520 -m sweep --backend vllm --topology "$T_COLLOC" --workload "$WORKLOAD" "${MODEL[@]}" \
     "${ENGINE[@]}" --deploy-timeout 200
   ;;
-*) echo "step must be 1, 2, 3 or 4" >&2; exit 2 ;;
+*) echo "step must be 1 to 6" >&2; exit 2 ;;
 esac
