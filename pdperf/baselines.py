@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import TYPE_CHECKING, Any, Iterable, Literal
 
 import numpy as np
 import yaml
@@ -36,6 +36,9 @@ from pdperf.errors import PdperfError
 from pdperf.results import PointResult, atomic_write_json
 from pdperf.stats import (DEFAULT_SAMPLE_CAP, bootstrap_ratio_ci, even_subsample, format_p_value, format_value,
                           mann_whitney_u, parse_statistic, statistic_value)
+
+if TYPE_CHECKING:
+    from pdperf.specs import Workload
 
 BASELINE_SCHEMA_VERSION = 1
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,6 +224,63 @@ def load_thresholds(path: Path = THRESHOLDS_PATH) -> Thresholds:
         raise BaselineError(f"{path}: invalid thresholds\n" + "\n".join(lines)) from None
 
 
+def _gate_names(gates: list[Gate]) -> str:
+    """'p50 ttft_ms/tpot_ms and mean e2e_ms': the gates grouped by statistic, in file order."""
+    by_stat: dict[str, list[str]] = {}
+    for g in gates:
+        by_stat.setdefault(g.statistic, []).append(g.metric)
+    names = [f"{stat} {'/'.join(ms)}" for stat, ms in by_stat.items()]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def _counts_text(ids_counts: list[tuple[str, int]]) -> str:
+    """'c1 has 16, c4 32' or 'c1, c2 have 60': consecutive points with the same count share it."""
+    groups: list[tuple[list[str], int]] = []
+    for pid, n in ids_counts:
+        if groups and groups[-1][1] == n:
+            groups[-1][0].append(pid)
+        else:
+            groups.append(([pid], n))
+    parts = [f"{', '.join(ids)} {'has' if len(ids) == 1 else 'have'} {n}" if i == 0 else f"{', '.join(ids)} {n}"
+             for i, (ids, n) in enumerate(groups)]
+    return ", ".join(parts)
+
+
+def sample_shortfalls(workload: "Workload", thresholds: "Thresholds | ResolvedThresholds", *,
+                      hardware_id: str | None = None, requests_scale: float = 1.0,
+                      points: Iterable[float] | None = None) -> list[str]:
+    """Which sweep points of ``workload`` send too few requests for which per-request gates.
+
+    TTFT, TPOT and E2E give one sample per request (``metrics.PER_REQUEST_METRICS``), so a
+    point of n requests has at most n of them, and a gate whose ``min_samples`` exceeds n
+    reads ``insufficient`` there whatever the run does; the point's status is then decided
+    by its other gates (ITL and chunk gaps: one sample per gap). Said at collection, so
+    that nobody spends GPU hours on a TTFT gate that cannot fire. Returns one line per
+    workload, none when every point has enough; ``points`` limits it to the selected ones.
+    """
+    resolved = thresholds.resolve(hardware_id) if isinstance(thresholds, Thresholds) else thresholds
+    sweep = workload.sweep
+    wanted = None if points is None else set(points)
+    counts = [(p, sweep.scaled_requests_at(p, requests_scale)) for p in sweep.points if wanted is None or p in wanted]
+    by_need: dict[int, list[Gate]] = {}
+    for g in resolved.gates:
+        if g.metric in metrics.PER_REQUEST_METRICS:
+            by_need.setdefault(g.min_samples or 2, []).append(g)
+    parts = []
+    for need in sorted(by_need, reverse=True):
+        short = [(sweep.point_id(p), n) for p, n in counts if n < need]
+        if short:
+            unit = " requests a point" if not parts else ""
+            parts.append(f"{_gate_names(by_need[need])} need {need}{unit} ({_counts_text(short)})")
+    if not parts:
+        return []
+    knob = "requests_per_point" if sweep.requests_per_point is not None else "requests_per_concurrency / min_requests"
+    fix = f"raise {knob} to gate them"
+    if requests_scale < 1:
+        fix += f", or drop --requests-scale {requests_scale:g}"
+    return [f"{workload.name}: {'; '.join(parts)}: they read 'insufficient' there ({fix})"]
+
+
 # --------------------------------------------------------------------------- store
 
 
@@ -314,6 +374,29 @@ def _lock_for(path: Path) -> FileLock:
     return FileLock(str(Path(tempfile.gettempdir()) / f"pdperf-baseline-{digest}.lock"), timeout=_LOCK_TIMEOUT_S)
 
 
+# What each point flag means for a recording, and what to do (flags: pdperf/loadgen/runner.py, fixtures/reporting.py).
+FLAG_ADVICE = {
+    "client_loop_lag": "The load generator's event loop lagged, so its timestamps are late: another job was "
+                       "using this machine's CPUs; re-run the point when it is quiet.",
+    "client_cpu_saturated": "The load generator used a whole core, so it, not the server, set the pace: "
+                            "re-run on a quieter machine or with fewer concurrent streams per client process.",
+    "replica_restart_during_load": "A replica restarted while the point ran: see the start-up table and "
+                                   "`pdperf diagnose`, fix the cause, re-run.",
+    "output_length_mismatch": "Responses did not have the requested output length (ignore_eos or max_tokens not "
+                              "honoured): check the engine arguments.",
+    "input_length_mismatch": "Prompts did not have the requested input length (tokenizer differs from the "
+                             "server's?): check --tokenizer / the model.",
+    "telemetry_counter_reset": "A server metrics counter went backwards (an engine restarted): re-run.",
+    "telemetry_scrape_failed": "The server's /metrics could not be read: check metrics_urls and re-run.",
+}
+
+
+def flag_advice(flags: Iterable[str]) -> str:
+    """One sentence per distinct flag (``replica_restart_during_load:2`` counts as its name)."""
+    seen = dict.fromkeys(f.split(":", 1)[0] for f in flags)
+    return " ".join(FLAG_ADVICE.get(f, f"Flag {f}: re-run the point.") for f in seen)
+
+
 def write_baseline(root: Path, point_results: Iterable[PointResult], *, allow_flagged: bool = False,
                    cap: int = DEFAULT_SAMPLE_CAP) -> list[Path]:
     """Store ``point_results`` as baselines, merged into existing files; returns the files written.
@@ -331,7 +414,7 @@ def write_baseline(root: Path, point_results: Iterable[PointResult], *, allow_fl
                                 "record the environment fingerprint with the point")
         if r.flags and not allow_flagged:
             raise BaselineError(f"point {r.id}: flagged {', '.join(r.flags)}; a baseline recorded like this would "
-                                "hide regressions. Re-run the point (or pass allow_flagged=True)")
+                                f"hide regressions, so none was written. {flag_advice(r.flags)}")
         if not any(rec.ok and not rec.warmup for rec in r.records):
             raise BaselineError(f"point {r.id}: no successful measured request; nothing to keep as a baseline")
         groups.setdefault(baseline_path(root, hw, r.topology, r.workload, r.environment.get("backend")), []).append(r)

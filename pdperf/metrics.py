@@ -83,6 +83,8 @@ def chunk_gap_ms(r: RequestRecord) -> list[float]:
 
 _SCALAR = {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "e2e_ms": e2e_ms, "queue_ms": queue_ms}
 _PER_GAP = {"itl_ms": itl_ms, "chunk_gap_ms": chunk_gap_ms}
+#: One sample per request, so a point has at most as many as it sends (the per-gap ones have many more).
+PER_REQUEST_METRICS = tuple(_SCALAR)
 
 
 def samples(records: Iterable[RequestRecord], metric: str) -> np.ndarray:

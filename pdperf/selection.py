@@ -210,8 +210,7 @@ class SessionContext:
                 if w.tier != "sweep" or (sweep_kind and w.sweep.kind != sweep_kind) or not _match(t.name, w.topologies):
                     continue
                 for p in w.sweep.points:
-                    n = max(int(round(w.sweep.requests_at(p) * self.requests_scale)), 1)
-                    cases.append(SweepCase(t, w, p, n))
+                    cases.append(SweepCase(t, w, p, w.sweep.scaled_requests_at(p, self.requests_scale)))
         return cases
 
     def skip_reason(self, t: Topology) -> str | None:

@@ -164,6 +164,10 @@ class Sweep(_Strict):
         assert self.requests_per_concurrency is not None
         return max(int(self.requests_per_concurrency * point), self.min_requests)
 
+    def scaled_requests_at(self, point: float, scale: float = 1.0) -> int:
+        """Measured requests of a point under ``--requests-scale`` (what a sweep test sends)."""
+        return max(int(round(self.requests_at(point) * scale)), 1)
+
     def point_id(self, point: float) -> str:
         return f"c{int(point)}" if self.kind == "concurrency" else f"r{point:g}"
 
