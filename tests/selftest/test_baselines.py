@@ -89,8 +89,12 @@ def test_write_refuses_bad_points_before_writing_anything(tmp_path):
     with pytest.raises(BaselineError, match="no 'hardware_id'"):
         write_baseline(tmp_path, [good, no_hw])
     flagged = point(seed=3, flags=["replica_restart_during_load"])
-    with pytest.raises(BaselineError, match="replica_restart_during_load.*Re-run"):
+    with pytest.raises(BaselineError, match="replica_restart_during_load.*none was written.*restarted while the point ran"):
         write_baseline(tmp_path, [good, flagged])
+    lagged = point(seed=5, flags=["client_loop_lag"])  # what a busy 2-core machine gives: advice a user can act on
+    with pytest.raises(BaselineError, match="event loop lagged.*re-run the point when it is quiet") as e:
+        write_baseline(tmp_path, [lagged])
+    assert "allow_flagged" not in str(e.value)  # not an option a pytest user has
     all_failed = point(seed=4, n=0, errors=5)
     with pytest.raises(BaselineError, match="no successful measured request"):
         write_baseline(tmp_path, [all_failed])
