@@ -253,15 +253,19 @@ def build_app(t: Topology, model_path: Path, placement: PlacementPlan, local: bo
     bases = random.SystemRandom().sample(TCPSTORE_BASES, 2)  # a different one per role
     # The server classes, wrapped to pick a port per replica, travel by value: a Ray worker on
     # another node need not import pdperf.
-    import ray.cloudpickle
+    # PDPERF_WRAP_RAY_SERVERS=0 turns the wrapping off (Ray's own classes, the per-role base only).
+    wrap = os.environ.get("PDPERF_WRAP_RAY_SERVERS", "1") != "0"
+    if wrap:
+        import ray.cloudpickle
 
-    ray.cloudpickle.register_pickle_by_value(ray_replica)
+        ray.cloudpickle.register_pickle_by_value(ray_replica)
     if t.kind == "collocated":
         cfg = llm_config(t, "collocated", model_path, placement, local, **kw, tcpstore_base=bases[0])
-        cfg["server_cls"] = ray_replica.own_port(compat.llm_server_cls())
+        if wrap:
+            cfg["server_cls"] = ray_replica.own_port(compat.llm_server_cls())
         return build_openai_app({"llm_configs": [cfg], "ingress_deployment_config": ingress})
-    with compat.pd_server_classes(ray_replica.own_port) as wrapped:
-        if not wrapped:
+    with compat.pd_server_classes(ray_replica.own_port if wrap else (lambda cls: cls)) as wrapped:
+        if wrap and not wrapped:
             log.warning("topology %s: this Ray's PD builder is not the one pdperf knows; replicas of one role "
                         "share a torch.distributed port base and may restart once at start-up", t.name)
         return build_pd_openai_app({
