@@ -34,6 +34,9 @@ class Endpoint:
     restart_counter: Callable[[], int] = lambda: 0
     log_tail: Callable[[int], str] = lambda n: ""
     details: dict = field(default_factory=dict)
+    # Other applications the backend sees serving on the same cluster (e.g. Serve apps another
+    # pytest run kept up); the pool's own deployments are added by the caller.
+    neighbours: Callable[[], list[str]] = lambda: []
 
     @property
     def name(self) -> str:

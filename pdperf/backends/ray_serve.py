@@ -325,6 +325,17 @@ class RayServeDeployment(Deployment):
         actors = _replica_actors(self.app)
         return sum(1 for a in actors if a.get("State") == "DEAD") + sum(int(a.get("NumRestarts") or 0) for a in actors)
 
+    def neighbours(self) -> list[str]:
+        """Other Serve applications on this cluster (kept by another run too), not being deleted."""
+        from ray import serve
+
+        try:
+            apps = serve.status().applications
+        except Exception as e:  # noqa: BLE001 - a point is still measured; the record says it is unknown
+            log.warning("topology %s: could not list Serve applications: %s", self.topology.name, e)
+            return ["(unknown)"]
+        return sorted(n for n, a in apps.items() if n != self.app and not str(a.status).endswith("DELETING"))
+
     def log_tail(self, n: int = 40) -> str:
         chunks = []
         for a in _replica_actors(self.app):
@@ -437,7 +448,7 @@ class RayServeDeployment(Deployment):
             topology=t, backend=self.backend, base_url=base, model_id=t.name, tokenizer_path=self._model_path,
             metrics_urls=self.cluster.metrics_urls(), startup_s=startup_s, placement=self._placement,
             restarts_at_ready=restarts, restart_counter=self.restarts, log_tail=self.log_tail,
-            details={"app": self.app, "ray_address": self.cluster.address or "local", "adopted": self._adopted,
+            neighbours=self.neighbours, details={"app": self.app, "ray_address": self.cluster.address or "local", "adopted": self._adopted,
                      "stream_batching_interval_ms": self.stream_batching_interval_ms})
 
     def stop(self, timeout_s: float = 120.0, *, evict: bool = False) -> None:

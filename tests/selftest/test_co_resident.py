@@ -69,6 +69,20 @@ def test_no_pool_means_no_co_resident_key():  # e.g. an endpoint made without th
     assert "co_resident" not in point_environment(FINGERPRINT, endpoint, pool=None)
 
 
+def test_applications_another_run_kept_up_count_too():
+    """--keep-deployments leaves Serve apps up across pytest runs; this run's pool does not know them,
+    the backend does (ray: serve.status()). Both are recorded, each name once."""
+    endpoint = Up(topology("colloc-2xtp1")).wait_ready(1)
+    endpoint.neighbours = lambda: ["pd-kept-earlier", "colloc-1x"]
+    pool = DeploymentPool(lambda t: Up(t), max_alive=3)
+    pool.get(topology("colloc-1x"))
+    env = point_environment(FINGERPRINT, endpoint, pool=pool)
+    assert env["co_resident"] == "colloc-1x,pd-kept-earlier"
+    assert co_resident(None, "colloc-2xtp1", ["colloc-2xtp1", "x"]) == "x"  # never itself
+    assert Endpoint(topology=topology("a"), backend="b", base_url="u", model_id="m",
+                    tokenizer_path=Path(".")).neighbours() == []  # backends that see none
+
+
 def _point(seed: int, **env):
     return synthetic_point("colloc-2xtp1", "isl128-osl8", 4, n=150, output_tokens=8, seed=seed,
                            environment={**FINGERPRINT, **env})
