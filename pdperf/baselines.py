@@ -653,7 +653,8 @@ def compare_point(current: PointResult, baseline_entry: dict[str, Any] | None, b
                         thresholds_source=resolved.source)
     if baseline_entry is None:
         result.status = "missing"
-        result.reason = (f"no baseline for {current.id} on hardware '{hw}'; record one with --update-baselines")
+        result.reason = (f"no baseline for {current.id} on hardware '{hw}'; record one with --update-baselines "
+                         "(or --record-missing-baselines: only points that have none)")
         return result
     backend, base_backend = current.environment.get("backend"), baseline_env.get("backend")
     mismatches = [  # (differs, why, what to do instead)

@@ -11,6 +11,7 @@
 #   scripts/gpu-session.sh 5   Ray colloc-1xtp2 (TP2): smoke + sweep recorded, then gated as far as time goes
 #   scripts/gpu-session.sh 6   no Ray (vllm backend): colloc-2xtp1's sweep gated against the committed
 #                              baselines (baselines/h100-x4/.../*.vllm.json)
+# A gated step also records the points the recording step did not reach (--record-missing-baselines).
 # Measured on 4x H100, eager: a Ray start-up 150-320 s (a replica restart costs ~150 s), smoke ~60 s,
 # the sweep 260-300 s (c1 alone 106-133 s: 20 sequential requests of 256 tokens).
 # The calls go out together (a machine idle for 30 s is given back), so each step reads what the
@@ -107,7 +108,7 @@ case $step in
   ;;
 2)
   log "running: [$(running_apps)] (the last step left: [$(cat "$STATE/running" 2>/dev/null)])"
-  suite ray-pd-gate 360 -m sweep --topology "$T_PD" "${common[@]}" --deploy-timeout 300
+  suite ray-pd-gate 360 -m sweep --topology "$T_PD" "${common[@]}" --deploy-timeout 300 --record-missing-baselines
   suite ray-greedy 200 -m smoke -k greedy --topology "$T_PD" "${common[@]}" --deploy-timeout 180
   ;;
 3)
@@ -116,14 +117,15 @@ case $step in
   ;;
 4)
   log "running: [$(running_apps)] (the last step left: [$(cat "$STATE/running" 2>/dev/null)])"
-  suite ray-colloc-gate 520 -m sweep --topology "$T_COLLOC" "${common[@]}" --deploy-timeout 300
+  suite ray-colloc-gate 520 -m sweep --topology "$T_COLLOC" "${common[@]}" --deploy-timeout 300 \
+    --record-missing-baselines
   ;;
 5)
   scripts/gpu-testmachine.sh --stop
   suite ray-tp2-record 380 -m "smoke or sweep" -k "not greedy" --topology "$T_TP2" "${common[@]}" \
     --update-baselines --deploy-timeout 300
   case " $(running_apps) " in *" $T_TP2 "*) ;; *) log "$T_TP2 is not running: no gated rerun"; exit 0 ;; esac
-  suite ray-tp2-gate 300 -m sweep --topology "$T_TP2" "${common[@]}"
+  suite ray-tp2-gate 300 -m sweep --topology "$T_TP2" "${common[@]}" --record-missing-baselines
   ;;
 6)
   scripts/gpu-testmachine.sh --stop

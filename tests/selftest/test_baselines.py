@@ -379,3 +379,17 @@ def test_other_backend_records_beside_the_ray_baseline_and_gates_against_its_own
     again = point(seed=3, tpot_ms=5.0)
     again.environment["backend"] = "vllm"
     assert gate_point(tmp_path, again, thresholds).status == "unchanged"  # against the vllm file, not the 2x slower ray one
+
+
+@pytest.mark.parametrize("update,record_missing,status,writes", [
+    (True, False, None, True),            # --update-baselines: every point, the gate does not run
+    (False, True, "missing", True),       # --record-missing-baselines: a point without a baseline
+    (False, True, "unchanged", False),    # ... never one that has a baseline
+    (False, True, "regressed", False),
+    (False, True, "incomparable", False),  # a baseline of other hardware is not this hardware's gap
+    (False, False, "missing", False),     # plain gating: missing is a skip with the reason
+])
+def test_which_points_a_run_writes_as_baselines(update, record_missing, status, writes):
+    from fixtures.reporting import writes_baseline
+
+    assert writes_baseline(update, record_missing, status) is writes
