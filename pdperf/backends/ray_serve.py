@@ -264,15 +264,18 @@ def build_app(t: Topology, model_path: Path, placement: PlacementPlan, local: bo
         if wrap:
             cfg["server_cls"] = ray_replica.own_port(compat.llm_server_cls())
         return build_openai_app({"llm_configs": [cfg], "ingress_deployment_config": ingress})
-    with compat.pd_server_classes(ray_replica.own_port if wrap else (lambda cls: cls)) as wrapped:
-        if wrap and not wrapped:
+    pd_args = {
+        "prefill_config": llm_config(t, "prefill", model_path, placement, local, **kw, tcpstore_base=bases[0]),
+        "decode_config": llm_config(t, "decode", model_path, placement, local, **kw, tcpstore_base=bases[1]),
+        "ingress_deployment_config": ingress,
+    }
+    if not wrap:
+        return build_pd_openai_app(pd_args)
+    with compat.pd_server_classes(ray_replica.own_port) as wrapped:
+        if not wrapped:
             log.warning("topology %s: this Ray's PD builder is not the one pdperf knows; replicas of one role "
                         "share a torch.distributed port base and may restart once at start-up", t.name)
-        return build_pd_openai_app({
-            "prefill_config": llm_config(t, "prefill", model_path, placement, local, **kw, tcpstore_base=bases[0]),
-            "decode_config": llm_config(t, "decode", model_path, placement, local, **kw, tcpstore_base=bases[1]),
-            "ingress_deployment_config": ingress,
-        })
+        return build_pd_openai_app(pd_args)
 
 
 def _replica_actors(app: str) -> list[dict[str, Any]]:
