@@ -125,6 +125,12 @@ class DeploymentPool:
         except Exception as e:  # noqa: BLE001 - report the start-up error, not the cleanup's
             log.warning("cleanup after failed start of %s: %s", getattr(deployment, "topology", "?"), e)
 
+    def holds_together(self, topologies: list[Topology]) -> bool:
+        """Whether these can all be up at once (``max_alive`` and GPUs): a test that needs two
+        deployments side by side must not have the second evict the first."""
+        gpus = sum(t.gpus for t in topologies if t.device == "gpu")
+        return len(topologies) <= self.max_alive and (self.gpu_capacity is None or gpus <= self.gpu_capacity)
+
     def _fits(self, topology: Topology) -> bool:
         if self.gpu_capacity is None or topology.device != "gpu":
             return True

@@ -127,6 +127,16 @@ def test_gpu_capacity_evicts_until_the_next_topology_fits():
     assert cpu.alive() == ["topo-a", "topo-b", "topo-c"]
 
 
+def test_holds_together_says_when_a_second_deployment_would_evict_the_first():
+    """The PD greedy check needs the PD topology and its collocated reference up at once; with
+    --max-alive 1 the reference evicted the PD app mid-test (CPU stack: PD answered '' and 404)."""
+    pd, ref = gpu_topology("pd-1p1-1d1", 1, kind="pd"), gpu_topology("colloc-1xtp1", 1)
+    assert DeploymentPool(FakeBackend(), max_alive=2, gpu_capacity=4).holds_together([pd, ref])
+    assert not DeploymentPool(FakeBackend(), max_alive=1, gpu_capacity=4).holds_together([pd, ref])
+    assert not DeploymentPool(FakeBackend(), max_alive=2, gpu_capacity=2).holds_together([pd, ref])  # 3 GPUs
+    assert DeploymentPool(FakeBackend(), max_alive=2).holds_together([A, B])  # CPU: count only
+
+
 def test_evicted_topology_is_deployed_again_when_needed():
     backend = FakeBackend()
     pool = DeploymentPool(backend, max_alive=1)
