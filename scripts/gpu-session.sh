@@ -34,6 +34,14 @@ read -r -a MODEL <<<"${MODEL_ARGS---model llama-3.1-8b}"
 read -r -a ENGINE <<<"${ENGINE_ARGS---engine-arg enforce_eager=true}"
 read -r -a EXTRA <<<"${EXTRA_ARGS:-}"  # more pytest arguments for every run (a rehearsal: --requests-scale 0.2)
 CALL_LIMIT_S=${CALL_LIMIT_S:-585}  # the device tool kills a call at 600 s
+# The session's device time runs out before a late call's 600 s: with DEVICE_BUDGET_S (seconds lent
+# to the session) and a start stamp (epoch seconds, written by the session's first call into
+# $SESSION_T0_FILE), a call ends its work in time to write its archive instead of being killed.
+SESSION_T0_FILE=${SESSION_T0_FILE:-/tmp/pdperf-session-t0}
+if [ -n "${DEVICE_BUDGET_S:-}" ] && [ -s "$SESSION_T0_FILE" ]; then
+  device_left=$(( DEVICE_BUDGET_S - ($(date +%s) - $(cat "$SESSION_T0_FILE")) - ${DEVICE_MARGIN_S:-45} ))
+  [ "$device_left" -lt "$CALL_LIMIT_S" ] && CALL_LIMIT_S=$device_left
+fi
 STATE=${STATE:-/tmp/pdperf-gpu-state}
 mkdir -p "$STATE"
 FINAL_OUT=${OUT:-reports}
@@ -71,7 +79,7 @@ PY
 }
 
 finish() {
-  log "done"
+  log "done (call limit ${CALL_LIMIT_S}s)"
   cp "$OUT/session.log" "$STATE/step$step-session.log"
   mkdir -p "$FINAL_OUT"
   rm -f "$OUT"/*-baselines.tgz  # gpu-testmachine.sh's copy of the repo's baselines: the real ones are these
