@@ -9,6 +9,14 @@ one value per deployment, so replicas of one deployment still shared it. ``own_p
 server class with one more step before the engine starts: in its own process each replica asks the
 OS for a free port, the way vLLM does where it has no base, and makes that the scan's start.
 
+Where the value must go (Ray 2.58 and 2.60, ``VLLMEngine._prepare_engine_config``): on a GPU the
+replica does not build vLLM's config itself but in a Ray task with the *engine config's*
+``runtime_env`` (on CPU it builds it in process). That task's environment is the one vLLM reads
+``VLLM_DP_MASTER_PORT`` from, so the replica's ``os.environ`` alone is not enough: the fifth
+GPU session's ``colloc-2xtp1`` still raced on the per-role base (EADDRINUSE on port base + 100)
+while only ``os.environ`` was set. ``pin_in_llm_config`` writes the port into the LLMConfig's
+runtime_env, its cached engine config's and its callback context's, where that task's comes from.
+
 This module imports nothing of pdperf: the ray backend registers it to be pickled by value, so a
 Ray worker that cannot import pdperf (any node of a real cluster) still gets these classes.
 """
@@ -47,6 +55,33 @@ def choose_tcpstore_base(environ: dict | None = None) -> int | None:
     return base
 
 
+def pin_in_llm_config(llm_config, base: int) -> list[str]:
+    """Put ``VLLM_DP_MASTER_PORT=base`` where Ray Serve LLM builds the engine's runtime_env from.
+
+    ``llm_config`` is Ray's LLMConfig as the replica received it (unpickled: its cached engine
+    config and callback, where the driver made them, came along). Returns the places set (for the
+    replica's log); anything without a runtime_env is left alone.
+    """
+    places = []
+    engine = getattr(llm_config, "_engine_config", None)
+    ctx = getattr(getattr(llm_config, "_callback_instance", None), "ctx", None)
+    for name, holder in (("llm_config", llm_config), ("engine_config", engine), ("callback_ctx", ctx)):
+        if holder is None or not hasattr(holder, "runtime_env"):
+            continue
+        runtime_env = holder.runtime_env
+        if runtime_env is None:
+            if name != "llm_config":
+                continue  # rebuilt from llm_config's when needed
+            holder.runtime_env = runtime_env = {}
+            runtime_env = holder.runtime_env  # a validating model may store a copy
+        env_vars = runtime_env.get("env_vars")
+        if env_vars is None:
+            env_vars = runtime_env["env_vars"] = {}
+        env_vars["VLLM_DP_MASTER_PORT"] = str(base)
+        places.append(name)
+    return places
+
+
 def own_port(cls: type) -> type:
     """``cls`` (a Ray Serve LLM server class, async ``__init__``) choosing its TCPStore base first.
 
@@ -56,8 +91,10 @@ def own_port(cls: type) -> type:
     async def __init__(self, *args, **kwargs):
         base = choose_tcpstore_base()
         if base is not None:
-            print(f"pdperf: this replica's torch.distributed store scan starts at port {base + SCAN_OFFSET}",
-                  flush=True)
+            llm_config = args[0] if args else kwargs.get("llm_config")
+            places = pin_in_llm_config(llm_config, base) if llm_config is not None else []
+            print(f"pdperf: this replica's torch.distributed store scan starts at port {base + SCAN_OFFSET} "
+                  f"(set in os.environ{''.join(', ' + p + '.runtime_env' for p in places)})", flush=True)
         await cls.__init__(self, *args, **kwargs)
 
     return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": __name__,

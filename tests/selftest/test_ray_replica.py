@@ -96,3 +96,52 @@ def test_pd_builder_uses_the_wrapped_classes_only_while_building():
         assert builder.PDPrefillServer is not before[0] and issubclass(builder.PDPrefillServer, before[0])
         assert builder.PDDecodeServer.__name__ == "PDDecodeServer"
     assert (builder.PDPrefillServer, builder.PDDecodeServer) == before
+
+
+def _ray_llm_config(**runtime_env_vars):
+    llm = pytest.importorskip("ray.serve.llm")
+    return llm.LLMConfig(model_loading_config={"model_id": "m", "model_source": "/nonexistent/model"},
+                         runtime_env={"env_vars": {"VLLM_DP_MASTER_PORT": "23000", **runtime_env_vars}})
+
+
+def _task_env(llm_config, monkeypatch) -> dict:
+    """The env_vars of the Ray task that builds vLLM's config on a GPU (Ray's own code builds them:
+    LLMConfig.get_or_create_callback -> CallbackCtx.runtime_env, used by VLLMEngine for that task)."""
+    engine_config = llm_config.get_engine_config()
+    monkeypatch.setattr(type(engine_config), "get_or_create_pg", lambda self: None)  # no cluster here
+    return llm_config.get_or_create_callback().ctx.runtime_env["env_vars"]
+
+
+@pytest.mark.parametrize("cached_on_driver", [True, False], ids=["engine-config-cached", "not-cached"])
+def test_port_reaches_the_task_that_builds_the_engine_config(monkeypatch, cached_on_driver):
+    """Fifth GPU session: with only os.environ set, colloc-2xtp1 still raced on base + 100 (the
+    engine's config is built in a Ray task with the engine config's runtime_env)."""
+    cloudpickle = pytest.importorskip("ray.cloudpickle")
+    config = _ray_llm_config()
+    if cached_on_driver:
+        config.get_engine_config()  # the app builder does this on the driver; the cache is pickled along
+    replica_copy = cloudpickle.loads(cloudpickle.dumps(config))  # what a replica receives
+    assert ray_replica.pin_in_llm_config(replica_copy, 41000)[:1] == ["llm_config"]
+    assert _task_env(replica_copy, monkeypatch)["VLLM_DP_MASTER_PORT"] == "41000"
+    assert config.runtime_env["env_vars"]["VLLM_DP_MASTER_PORT"] == "23000"  # the driver's copy untouched
+
+
+def test_port_reaches_a_callback_context_made_before(monkeypatch):
+    config = _ray_llm_config()
+    assert _task_env(config, monkeypatch)["VLLM_DP_MASTER_PORT"] == "23000"
+    assert "callback_ctx" in ray_replica.pin_in_llm_config(config, 41000)
+    assert _task_env(config, monkeypatch)["VLLM_DP_MASTER_PORT"] == "41000"
+
+
+def test_wrapped_class_pins_the_port_in_the_config_it_passes_on(monkeypatch):
+    monkeypatch.setenv(ray_replica.MARK, ray_replica.MARK_VALUE)
+    monkeypatch.setenv("VLLM_DP_MASTER_PORT", "23000")  # restored afterwards (the wrapper sets it)
+    config = _ray_llm_config()
+    cls = ray_replica.own_port(FakeServer)
+    obj = cls.__new__(cls)
+    asyncio.run(obj.__init__(config))
+    passed, _, port = obj.seen
+    assert passed is config and config.runtime_env["env_vars"]["VLLM_DP_MASTER_PORT"] == port != "23000"
+    obj = cls.__new__(cls)
+    asyncio.run(obj.__init__(llm_config=config))  # by keyword, as the PD decode server may be built
+    assert config.runtime_env["env_vars"]["VLLM_DP_MASTER_PORT"] == obj.seen[2]
