@@ -2,8 +2,11 @@
 
 Numbers are only comparable on the same hardware and stack, so every result carries what
 it ran on: the hardware id (the key of the baseline store), the nodes, GPUs, EFA, the
-versions of ray / vllm / nixl / torch / UCX, the UCX and NIXL settings in force, and the
-git commit of the suite.
+versions of ray / vllm / nixl / torch / UCX, the UCX and NIXL settings in force, the git
+commit of the suite, and what tells two machines of one kind apart: the driver's host name and
+its GPUs' driver version, power limit and maximum clocks (4x H100, sessions 3 and 5: the same
+fingerprint otherwise, the same topology 1.6x slower per token; nothing recorded could say
+whether the machine or its settings differed).
 """
 
 from __future__ import annotations
@@ -43,6 +46,38 @@ def ucx_version() -> str | None:
     return None
 
 
+GPU_QUERY = {  # nvidia-smi --query-gpu field -> fingerprint key
+    "driver_version": "gpu_driver",
+    "power.limit": "gpu_power_limit_w",
+    "clocks.max.sm": "gpu_max_sm_clock_mhz",
+    "clocks.max.memory": "gpu_max_mem_clock_mhz",
+    "persistence_mode": "gpu_persistence_mode",
+}
+
+
+def gpu_facts(timeout_s: float = 20.0) -> dict[str, str]:
+    """This host's GPU settings, one value per key ("a, b" where its GPUs differ); {} without nvidia-smi.
+
+    Only settings that stay put (no current clocks or temperatures): the gate notes every key that
+    differs from the baseline's, and a note must mean something changed.
+    """
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(GPU_QUERY)}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    rows = [[c.strip() for c in line.split(",")] for line in out.stdout.splitlines() if line.strip()]
+    rows = [r for r in rows if len(r) == len(GPU_QUERY)]
+    if out.returncode != 0 or not rows:
+        return {}
+    facts = {}
+    for i, key in enumerate(GPU_QUERY.values()):
+        values = sorted({r[i] for r in rows if r[i] and "N/A" not in r[i] and "Not Supported" not in r[i]})
+        if values:
+            facts[key] = ", ".join(values)
+    return facts
+
+
 def fingerprint(shape: ClusterShape, *, backend: str, root: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     gpu_nodes = shape.gpu_nodes
     env = {
@@ -65,5 +100,8 @@ def fingerprint(shape: ClusterShape, *, backend: str, root: Path, extra: dict[st
         "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
         "git_sha": git_sha(root),
     }
+    if gpu_nodes:  # (CPU runs: CI's container names change every run, and would be noted every time)
+        env["host"] = platform.node() or None  # the driver's: where the load generator ran
+        env.update(gpu_facts())
     env.update(extra or {})
     return env
