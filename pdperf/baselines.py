@@ -9,7 +9,11 @@ different GPU counts; we refuse to).
 
 The gate's rule (docs/METHODOLOGY.md, "Regression gate"): a metric regresses only when
 the change is both statistically significant (Mann-Whitney p < alpha and the bootstrap
-ratio interval excludes 1) and larger than a per-metric, direction-aware limit. The
+ratio interval excludes 1) and larger than a per-metric, direction-aware limit. Per-token
+metrics (ITL, chunk gaps) are judged for significance per request — one value per request,
+that request's statistic of its gaps — since the gaps of one request move together and
+pooled as independent samples they made a 17% move between two runs of unchanged code
+look certain (4x H100, PD c1: p = 8e-193). The
 limits are data in ``baselines/thresholds.yaml``, with per-hardware overrides, loaded
 here by a strict pydantic model so a typo is an error naming the file and the key.
 """
@@ -310,6 +314,20 @@ def point_samples(result: PointResult, cap: int = DEFAULT_SAMPLE_CAP) -> dict[st
     return {m: [float(v) for v in even_subsample(metrics.samples(result.records, m), cap)] for m in SAMPLED_METRICS}
 
 
+def _request_values(records, metric: str, statistic: str) -> np.ndarray:
+    q = parse_statistic(statistic)
+    if q is None:  # the mean of each request's gaps
+        return np.asarray([float(np.mean(v)) for v in (metrics.samples([r], metric) for r in records) if len(v)],
+                          dtype=float)
+    return metrics.per_request_values(records, metric, q)
+
+
+def point_request_stats(result: PointResult) -> dict[str, dict[str, list[float]]]:
+    """Per-token metrics: each request's p50 / p90 / p99 of its gaps (the gate's per-request judgement)."""
+    return {m: {st: [float(v) for v in _request_values(result.records, m, st)] for st in metrics.REQUEST_STATISTICS}
+            for m in metrics.PER_GAP_METRICS}
+
+
 def _summary_of(result: PointResult) -> dict[str, Any]:
     if result.summary:
         return result.summary
@@ -428,6 +446,7 @@ def write_baseline(root: Path, point_results: Iterable[PointResult], *, allow_fl
                 points[r.point_id] = {
                     "summary": _summary_of(r),
                     "samples": point_samples(r, cap),
+                    "request_stats": point_request_stats(r),
                     "started_at": r.started_at,
                     "sweep_kind": r.sweep_kind,
                     "point_value": r.point_value,
@@ -474,6 +493,9 @@ class MetricVerdict:
     n_baseline: int = 0
     n_current: int = 0
     unit: str = ""
+    # per-token metrics judged per request: how many requests each side had (None: pooled gaps)
+    requests_current: int | None = None
+    requests_baseline: int | None = None
 
     @property
     def key(self) -> str:
@@ -487,8 +509,10 @@ class MetricVerdict:
         unit = f" {self.unit}" if self.unit else ""
         ci = f", CI {self.ratio_ci[0]:.3g}-{self.ratio_ci[1]:.3g}" if self.ratio_ci else ", CI n/a"
         p = format_p_value(self.p_value)
+        per = (f", over {self.requests_current}/{self.requests_baseline} requests"
+               if self.requests_current is not None else "")
         return (f"{head} {format_value(self.baseline_value)} -> {format_value(self.current_value)}{unit} "
-                f"(x{self.ratio:.2f}{ci}, p{'' if p.startswith('<') else '='}{p}) {self.reason}: {self.verdict}")
+                f"(x{self.ratio:.2f}{ci}, p{'' if p.startswith('<') else '='}{p}{per}) {self.reason}: {self.verdict}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -568,8 +592,15 @@ def _shown(value: Any) -> Any:
 
 
 def judge_metric(gate: Gate, current: np.ndarray, baseline: np.ndarray, *, alpha: float, ci_level: float,
-                 resamples: int, seed: int = 0) -> MetricVerdict:
-    """Apply one gate to two sample sets (the rule is in the module docstring)."""
+                 resamples: int, seed: int = 0, current_requests: np.ndarray | None = None,
+                 baseline_requests: np.ndarray | None = None) -> MetricVerdict:
+    """Apply one gate to two sample sets (the rule is in the module docstring).
+
+    ``current_requests`` / ``baseline_requests`` (per-token metrics): one value per request, the
+    gate's statistic of that request's gaps. Given both, the size of the change is still the ratio
+    of the pooled statistic, but its significance comes from them: Mann-Whitney over requests, and
+    the interval of the ratio of the median request's value, resampling requests.
+    """
     unit = metrics.UNITS.get(gate.metric, "")
     common = dict(metric=gate.metric, statistic=gate.statistic, direction=gate.direction, threshold=gate.max_change,
                   n_baseline=int(len(baseline)), n_current=int(len(current)), unit=unit)
@@ -584,8 +615,15 @@ def judge_metric(gate: Gate, current: np.ndarray, baseline: np.ndarray, *, alpha
                              reason=f"baseline {gate.statistic} is {base_value:g}, so a relative change is undefined",
                              **common)
     ratio = cur_value / base_value
-    p = mann_whitney_u(current, baseline).p_value
-    ci = bootstrap_ratio_ci(current, baseline, gate.statistic, resamples=resamples, level=ci_level, seed=seed)
+    per_request = current_requests is not None and baseline_requests is not None
+    if per_request:
+        cur_req, base_req = np.asarray(current_requests, dtype=float), np.asarray(baseline_requests, dtype=float)
+        p = mann_whitney_u(cur_req, base_req).p_value if len(cur_req) and len(base_req) else 1.0
+        ci = bootstrap_ratio_ci(cur_req, base_req, "p50", resamples=resamples, level=ci_level, seed=seed)
+        common.update(requests_current=int(len(cur_req)), requests_baseline=int(len(base_req)))
+    else:
+        p = mann_whitney_u(current, baseline).p_value
+        ci = bootstrap_ratio_ci(current, baseline, gate.statistic, resamples=resamples, level=ci_level, seed=seed)
     up_sig = p < alpha and ci is not None and ci[0] > 1
     down_sig = p < alpha and ci is not None and ci[1] < 1
     hi, lo = 1 + gate.max_change, 1 / (1 + gate.max_change)
@@ -623,8 +661,13 @@ def _overall(verdicts: list[MetricVerdict]) -> str:
 
 
 def compare_samples(point: str, current: dict[str, np.ndarray], baseline: dict[str, Any],
-                    thresholds: ResolvedThresholds) -> list[MetricVerdict]:
-    """Verdicts of every gate in ``thresholds`` on per-metric sample sets."""
+                    thresholds: ResolvedThresholds, *, current_requests: dict[str, dict[str, Any]] | None = None,
+                    baseline_requests: dict[str, dict[str, Any]] | None = None) -> list[MetricVerdict]:
+    """Verdicts of every gate in ``thresholds`` on per-metric sample sets.
+
+    ``*_requests``: ``{metric: {statistic: per-request values}}`` for per-token metrics (see
+    judge_metric); a gate whose statistic either side lacks judges the pooled gaps.
+    """
     out = []
     for gate in thresholds.gates:
         if gate.metric not in baseline:
@@ -634,8 +677,12 @@ def compare_samples(point: str, current: dict[str, np.ndarray], baseline: dict[s
             continue
         cur = even_subsample(np.asarray(current.get(gate.metric, []), dtype=float))
         base = np.asarray(baseline[gate.metric], dtype=float)
+        cur_req = ((current_requests or {}).get(gate.metric) or {}).get(gate.statistic)
+        base_req = ((baseline_requests or {}).get(gate.metric) or {}).get(gate.statistic)
+        both = cur_req is not None and base_req is not None
         out.append(judge_metric(gate, cur, base, alpha=thresholds.alpha, ci_level=thresholds.ci_level,
-                                resamples=thresholds.bootstrap_resamples))
+                                resamples=thresholds.bootstrap_resamples,
+                                current_requests=cur_req if both else None, baseline_requests=base_req if both else None))
     return out
 
 
@@ -678,8 +725,20 @@ def compare_point(current: PointResult, baseline_entry: dict[str, Any] | None, b
         result.notes.append(f"current point flagged: {', '.join(current.flags)}")
     if baseline_entry.get("flags"):
         result.notes.append(f"baseline point was flagged: {', '.join(baseline_entry['flags'])}")
-    samples = {m: metrics.samples(current.records, m) for m in {g.metric for g in resolved.gates}}
-    result.verdicts = compare_samples(current.id, samples, baseline_entry.get("samples", {}), resolved)
+    gated = {g.metric for g in resolved.gates}
+    samples = {m: metrics.samples(current.records, m) for m in gated}
+    per_gap = [g for g in resolved.gates if g.metric in metrics.PER_GAP_METRICS]
+    current_requests: dict[str, dict[str, np.ndarray]] = {}
+    for g in per_gap:
+        current_requests.setdefault(g.metric, {})[g.statistic] = _request_values(current.records, g.metric, g.statistic)
+    baseline_requests = baseline_entry.get("request_stats") or {}
+    pooled = sorted({g.key for g in per_gap if g.statistic not in (baseline_requests.get(g.metric) or {})})
+    if pooled:
+        result.notes.append(f"the baseline keeps no per-request values for {', '.join(pooled)} (recorded before "
+                            "they were kept): judged on pooled gaps, whose p-values are optimistic; "
+                            "re-record it with --update-baselines")
+    result.verdicts = compare_samples(current.id, samples, baseline_entry.get("samples", {}), resolved,
+                                      current_requests=current_requests, baseline_requests=baseline_requests)
     result.status = _overall(result.verdicts)
     if result.status == "insufficient":
         result.reason = "; ".join(v.message() for v in result.verdicts[:2])

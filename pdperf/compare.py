@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pdperf.baselines import (BASELINE_ROOT, THRESHOLDS_PATH, GateResult, Thresholds, compare_point, gate_point,
-                              load_thresholds, point_samples)
+                              load_thresholds, point_request_stats, point_samples)
 from pdperf.errors import PdperfError
 from pdperf.report.html import CSS
 from pdperf.report.plots import RatioRow, ratio_chart, trim_ratio_rows
@@ -66,7 +66,7 @@ def compare_inputs(reference: Input, other: Input, thresholds: Thresholds, *,
                           f"vs {next(iter(reference.points), '-')}); compare runs of the same topologies and workloads")
     results = []
     for cur, ref in pairs:
-        entry = {"samples": point_samples(ref), "flags": list(ref.flags)}
+        entry = {"samples": point_samples(ref), "request_stats": point_request_stats(ref), "flags": list(ref.flags)}
         result = compare_point(cur, entry, ref.environment, thresholds, allow_cross_hardware=allow_cross_hardware)
         if cur.id != ref.id:
             result.point = f"{cur.id} vs {ref.id}"

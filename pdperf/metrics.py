@@ -85,6 +85,23 @@ _SCALAR = {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "e2e_ms": e2e_ms, "queue_ms":
 _PER_GAP = {"itl_ms": itl_ms, "chunk_gap_ms": chunk_gap_ms}
 #: One sample per request, so a point has at most as many as it sends (the per-gap ones have many more).
 PER_REQUEST_METRICS = tuple(_SCALAR)
+#: Many samples per request: gaps of one request move together (one slow stretch slows them all).
+PER_GAP_METRICS = tuple(_PER_GAP)
+#: The statistics of each request's gaps kept with a baseline, for the gate's per-request judgement.
+REQUEST_STATISTICS = ("p50", "p90", "p99")
+
+
+def per_request_values(records: Iterable[RequestRecord], metric: str, percentile: float) -> np.ndarray:
+    """One value per successful measured request with a gap: the ``percentile`` of that request's gaps."""
+    if metric not in _PER_GAP:
+        raise ValueError(f"per_request_values: {metric} has one sample per request already")
+    out = []
+    for r in records:
+        if r.ok and not r.warmup:
+            gaps = _PER_GAP[metric](r)
+            if gaps:
+                out.append(float(np.percentile(gaps, percentile)))
+    return np.asarray(out, dtype=float)
 
 
 def samples(records: Iterable[RequestRecord], metric: str) -> np.ndarray:
