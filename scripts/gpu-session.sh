@@ -79,6 +79,9 @@ PY
 }
 
 finish() {
+  # each replica's torch.distributed port choice (pdperf/backends/ray_replica.py), from Ray's worker logs
+  grep -h "store scan starts" /tmp/ray/session_latest/logs/worker-*.out 2>/dev/null | sort -u | tail -n 8 \
+    | sed 's/^/    replica: /' | tee -a "$OUT/session.log"
   log "done (call limit ${CALL_LIMIT_S}s)"
   cp "$OUT/session.log" "$STATE/step$step-session.log"
   mkdir -p "$FINAL_OUT"
