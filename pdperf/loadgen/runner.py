@@ -54,7 +54,7 @@ from pdperf.loadgen.client import (
     run_open_loop,
 )
 from pdperf.loadgen.datasets import build_workload_prompts
-from pdperf.loadgen.telemetry import TelemetryWindow
+from pdperf.loadgen.telemetry import GpuSampler, TelemetryWindow
 from pdperf.metrics import summarize
 from pdperf.results import PointResult, RequestRecord
 from pdperf.specs import Workload
@@ -318,7 +318,7 @@ async def _run_inprocess(share: Share, window: TelemetryWindow, stop_after_s: fl
             if phase == "measured":
                 await asyncio.to_thread(window.start)
             client.stats = ClientStats()
-            sampler = asyncio.create_task(_sample_loop(window)) if phase == "measured" and window.urls else None
+            sampler = asyncio.create_task(_sample_loop(window)) if phase == "measured" and (window.urls or window.gpu) else None
             lag = LoopLagMonitor(share.lag_interval_s)
             lag.start()
             cpu0 = _thread_cpu_s()
@@ -405,7 +405,9 @@ def run_point(*, base_url: str, model: str, tokenizer_path: Path, workload: Work
                          point=point, processes=max(processes, 1), warmup=warm, measured=measured,
                          arrival=sweep.arrival, burstiness=sweep.burstiness, max_concurrency=sweep.max_concurrency,
                          seed=workload.seed)
-    window = TelemetryWindow(metrics_urls)
+    # GPU clocks, power and temperature alongside, where this host has GPUs and the point runs on GPUs
+    gpu = GpuSampler() if (environment or {}).get("gpus") and GpuSampler.available() else None
+    window = TelemetryWindow(metrics_urls, gpu=gpu)
     phase_timeout_s = _phase_timeout_s(shares, workload.request_timeout_s, sweep.max_duration_s)
     if processes <= 0:
         loop = _new_loop()

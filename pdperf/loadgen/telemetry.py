@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
+import subprocess
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -271,6 +274,104 @@ def _fmt_key(key: SampleKey) -> str:
     return name + "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}"
 
 
+# NVML's clock event reasons (nvidia-smi's clocks_event_reasons.active bit mask)
+CLOCK_REASONS = {0x1: "gpu_idle", 0x2: "applications_clocks_setting", 0x4: "sw_power_cap", 0x8: "hw_slowdown",
+                 0x10: "sync_boost", 0x20: "sw_thermal_slowdown", 0x40: "hw_thermal_slowdown",
+                 0x80: "hw_power_brake_slowdown", 0x100: "display_clock_setting"}
+_GPU_QUERY = ("index", "clocks.sm", "power.draw", "temperature.gpu")
+_REASON_FIELDS = ("clocks_event_reasons.active", "clocks_throttle_reasons.active")  # newer name first
+
+
+def reason_names(mask: int) -> list[str]:
+    return [name for bit, name in CLOCK_REASONS.items() if mask & bit] + ([f"0x{mask:x}"] if mask >> 9 else [])
+
+
+class GpuSampler:
+    """This host's GPUs during a load point: SM clock, power, temperature and why clocks are held.
+
+    The same topology measured 1.6x slower per token in one session than in another, and within
+    one point the pace stepped from 19 to 31 ms per token and stayed (4x H100, eager): clocks or
+    a host slowdown? A point now keeps each GPU's series (``nvidia-smi``, once a telemetry
+    interval, from the parent process, never from the processes timing the streams) and the
+    reasons NVML gave for clocks below their maximum. Only the host the client runs on: a
+    multi-node cluster's other GPUs are not seen.
+    """
+
+    def __init__(self, *, timeout_s: float = 5.0, clock=time.monotonic) -> None:
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self.t0: float | None = None
+        self.series: dict[str, list[list]] = {}  # gpu index -> [[t_s, sm_mhz, power_w, temp_c, reasons mask]]
+        self.errors: list[str] = []
+        self._reason_field: str | None = _REASON_FIELDS[0]
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("nvidia-smi") is not None
+
+    def _query(self, reason_field: str | None) -> subprocess.CompletedProcess:
+        fields = _GPU_QUERY + ((reason_field,) if reason_field else ())
+        return subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=self.timeout_s)
+
+    def sample(self) -> None:
+        now = self.clock()
+        if self.t0 is None:
+            self.t0 = now
+        t = round(now - self.t0, 2)
+        try:
+            out = self._query(self._reason_field)
+            while out.returncode != 0 and self._reason_field is not None:  # an older driver: the older name, or none
+                i = _REASON_FIELDS.index(self._reason_field) + 1
+                self._reason_field = _REASON_FIELDS[i] if i < len(_REASON_FIELDS) else None
+                out = self._query(self._reason_field)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            self.errors.append(f"{type(e).__name__}: {e}"[:200])
+            return
+        if out.returncode != 0:
+            self.errors.append(f"nvidia-smi exit {out.returncode}: {out.stderr.strip()[:200]}")
+            return
+        for line in out.stdout.splitlines():
+            cells = [c.strip() for c in line.split(",")]
+            if len(cells) < len(_GPU_QUERY):
+                continue
+            mask = int(cells[4], 16) if len(cells) > 4 and cells[4].startswith("0x") else None
+            self.series.setdefault(cells[0], []).append([t, *(_number(c) for c in cells[1:4]), mask])
+
+    def result(self) -> dict[str, Any]:
+        """Per GPU: SM clock min / max while busy, power and temperature max, the reasons seen while busy."""
+        if not self.series:
+            return {"errors": self.errors[:5]} if self.errors else {}
+        per_gpu = {}
+        for idx, rows in sorted(self.series.items()):
+            busy = [r for r in rows if r[4] is None or not r[4] & 0x1] or rows
+            mask = 0
+            for r in busy:
+                mask |= r[4] or 0
+            clocks = [r[1] for r in busy if r[1] is not None]
+            per_gpu[idx] = {
+                "samples": len(rows), "busy_samples": len(busy),
+                "sm_clock_mhz_min": min(clocks) if clocks else None, "sm_clock_mhz_max": max(clocks) if clocks else None,
+                "power_w_max": _max(r[2] for r in rows), "temp_c_max": _max(r[3] for r in rows),
+                "clock_reasons_busy": reason_names(mask & ~0x1),
+            }
+        return {"per_gpu": per_gpu, "series": self.series, "series_fields": ["t_s", "sm_clock_mhz", "power_w",
+                                                                              "temp_c", "clock_reasons_mask"],
+                "errors": self.errors[:5]}
+
+
+def _number(cell: str) -> float | None:
+    try:
+        return float(cell)
+    except ValueError:  # "[N/A]", "[Not Supported]"
+        return None
+
+
+def _max(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return max(vals) if vals else None
+
+
 class TelemetryWindow:
     """Before / during / after scrapes of a set of ``/metrics`` URLs around one window.
 
@@ -278,9 +379,10 @@ class TelemetryWindow:
     so sampling adds no parsing stall to the process that is timing streams.
     """
 
-    def __init__(self, urls: Iterable[str], *, timeout_s: float = 5.0) -> None:
+    def __init__(self, urls: Iterable[str], *, timeout_s: float = 5.0, gpu: GpuSampler | None = None) -> None:
         self.urls = list(urls)
         self.timeout_s = timeout_s
+        self.gpu = gpu
         self.before: dict[str, str] = {}
         self.after: dict[str, str] = {}
         self.during: list[dict[str, str]] = []
@@ -294,17 +396,25 @@ class TelemetryWindow:
     def start(self) -> None:
         if self.urls:
             self.before = self._scrape()
+        if self.gpu:
+            self.gpu.sample()
 
     def sample(self) -> None:
         """Keep only the gauge lines of a scrape taken during the window (memory stays small)."""
         if self.urls:
             self.during.append({u: _gauge_lines(t) for u, t in self._scrape().items()})
+        if self.gpu:
+            self.gpu.sample()
 
     def stop(self) -> None:
         if self.urls:
             self.after = self._scrape()
+        if self.gpu:
+            self.gpu.sample()
 
     def result(self) -> dict[str, Any]:
-        if not self.urls:
-            return {}
-        return summarize(self.before, self.after, self.during, self.errors)
+        out = summarize(self.before, self.after, self.during, self.errors) if self.urls else {}
+        gpu = self.gpu.result() if self.gpu else {}
+        if gpu:
+            out["gpu"] = gpu
+        return out

@@ -7,6 +7,7 @@ called as the suite calls it. Assertions are on structure and ordering, never on
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -167,3 +168,21 @@ def test_single_request_returns_the_text(stub):
 def test_reset_prefix_cache_never_raises(stub):
     assert reset_prefix_cache(stub.url, "m") == "unsupported"
     assert reset_prefix_cache("http://127.0.0.1:9", "m", timeout_s=1).startswith("failed:")
+
+
+def test_a_point_on_gpus_keeps_the_hosts_gpu_clocks(stub, tok_dir, tmp_path, monkeypatch):
+    """Client-side only (the stub is the server): a stand-in nvidia-smi plays 2 GPUs."""
+    tool = tmp_path / "bin" / "nvidia-smi"
+    tool.parent.mkdir()
+    tool.write_text("#!/bin/sh\necho '0, 1980, 650, 61, 0x0'\necho '1, 1755, 700, 80, 0x4'\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tool.parent}{os.pathsep}{os.environ['PATH']}")
+    stub.behavior = StubBehavior(ttft_s=0.01, token_interval_s=0.002, prompt_tokens=32)
+    for processes in (0, 2):
+        r = run_point(base_url=stub.url, model="stub-model", tokenizer_path=tok_dir, workload=workload(n=8),
+                      point=4, topology="stub", gpus=2, environment={"gpus": 2}, processes=processes)
+        gpu = r.telemetry["gpu"]["per_gpu"]
+        assert gpu["1"]["clock_reasons_busy"] == ["sw_power_cap"] and gpu["0"]["samples"] >= 2  # start and stop
+    cpu = run_point(base_url=stub.url, model="stub-model", tokenizer_path=tok_dir, workload=workload(n=8), point=4,
+                    topology="stub", gpus=0, environment={"gpus": 0}, processes=0)
+    assert "gpu" not in cpu.telemetry  # CPU runs never call nvidia-smi
