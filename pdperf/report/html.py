@@ -379,8 +379,28 @@ def _topology_tables(run: RunData, summaries: dict[str, dict]) -> str:
                    f"{escape(gpu_text)}{_co_resident_text(pts)}</span></h3>"
                    "<div class=\"scroll\"><table class=\"results\">"
                    f"<tr>{''.join(hdr1)}</tr>"
-                   f"<tr>{hdr2}</tr>{''.join(rows)}</table></div>")
+                   f"<tr>{hdr2}</tr>{''.join(rows)}</table></div>" + _gpu_clock_text(pts))
     return "".join(out)
+
+
+def _gpu_clock_text(pts: list[PointResult]) -> str:
+    """One line per topology: each point's SM clock range over the client host's busy GPUs, and why
+    NVML held clocks (``telemetry["gpu"]``); nothing where no point carries GPU samples."""
+    parts = []
+    for p in pts:
+        per_gpu = ((p.telemetry or {}).get("gpu") or {}).get("per_gpu") or {}
+        busy = [g for g in per_gpu.values() if g.get("sm_clock_mhz_min") is not None]
+        if not busy:
+            continue
+        lo = min(g["sm_clock_mhz_min"] for g in busy)
+        hi = max(g["sm_clock_mhz_max"] for g in busy)
+        reasons = sorted({r for g in busy for r in g.get("clock_reasons_busy") or []})
+        rng = f"{lo:.0f}" if lo == hi else f"{lo:.0f}-{hi:.0f}"
+        parts.append(f"{p.point_id} {rng} MHz" + (f" ({', '.join(reasons)})" if reasons else ""))
+    if not parts:
+        return ""
+    return ('<p class="note">GPU SM clocks while busy (the client host\'s GPUs, NVML\'s reasons for held clocks): '
+            + escape("; ".join(parts)) + "</p>")
 
 
 def _co_resident_text(pts: list[PointResult]) -> str:

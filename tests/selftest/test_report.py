@@ -219,6 +219,21 @@ def test_engine_restart_seen_in_telemetry_is_loud(tmp_path):
     assert "Server-side latency attribution (means) — w</title>" in html  # a plain float mean is enough
 
 
+def test_gpu_clocks_of_each_point_under_its_topology_table(tmp_path):
+    run_dir = tmp_path / "run-gpu"
+    busy = {"sm_clock_mhz_min": 1410.0, "sm_clock_mhz_max": 1980.0, "clock_reasons_busy": ["sw_thermal_slowdown"]}
+    steady = {"sm_clock_mhz_min": 1980.0, "sm_clock_mhz_max": 1980.0, "clock_reasons_busy": []}
+    idle_only = {"sm_clock_mhz_min": None, "sm_clock_mhz_max": None, "clock_reasons_busy": []}
+    for c, gpu in ((4, {"0": busy, "1": steady}), (16, {"0": steady, "1": idle_only})):
+        save_point(run_dir / "points" / f"c{c}.json",
+                   synthetic_point("pd-1p1d", "w", c, n=12, output_tokens=3, telemetry={"gpu": {"per_gpu": gpu}}))
+    save_point(run_dir / "points" / "cpu.json", synthetic_point("cpu-colloc", "w", 1, n=12, output_tokens=3))
+    html = build_report(run_dir).read_text()
+    assert "GPU SM clocks while busy" in html
+    assert "c4 1410-1980 MHz (sw_thermal_slowdown); c16 1980 MHz" in html
+    assert html.count("GPU SM clocks while busy") == 1  # the CPU topology's table has none
+
+
 def test_ratio_rows_are_trimmed_to_the_ones_that_matter():
     from pdperf.report.plots import trim_ratio_rows
 
