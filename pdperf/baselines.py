@@ -314,18 +314,10 @@ def point_samples(result: PointResult, cap: int = DEFAULT_SAMPLE_CAP) -> dict[st
     return {m: [float(v) for v in even_subsample(metrics.samples(result.records, m), cap)] for m in SAMPLED_METRICS}
 
 
-def _request_values(records, metric: str, statistic: str) -> np.ndarray:
-    q = parse_statistic(statistic)
-    if q is None:  # the mean of each request's gaps
-        return np.asarray([float(np.mean(v)) for v in (metrics.samples([r], metric) for r in records) if len(v)],
-                          dtype=float)
-    return metrics.per_request_values(records, metric, q)
-
-
 def point_request_stats(result: PointResult) -> dict[str, dict[str, list[float]]]:
     """Per-token metrics: each request's p50 / p90 / p99 of its gaps (the gate's per-request judgement)."""
-    return {m: {st: [float(v) for v in _request_values(result.records, m, st)] for st in metrics.REQUEST_STATISTICS}
-            for m in metrics.PER_GAP_METRICS}
+    return {m: {st: [float(v) for v in metrics.per_request_values(result.records, m, st)]
+                for st in metrics.REQUEST_STATISTICS} for m in metrics.PER_GAP_METRICS}
 
 
 def _summary_of(result: PointResult) -> dict[str, Any]:
@@ -677,12 +669,10 @@ def compare_samples(point: str, current: dict[str, np.ndarray], baseline: dict[s
             continue
         cur = even_subsample(np.asarray(current.get(gate.metric, []), dtype=float))
         base = np.asarray(baseline[gate.metric], dtype=float)
-        cur_req = ((current_requests or {}).get(gate.metric) or {}).get(gate.statistic)
-        base_req = ((baseline_requests or {}).get(gate.metric) or {}).get(gate.statistic)
-        both = cur_req is not None and base_req is not None
         out.append(judge_metric(gate, cur, base, alpha=thresholds.alpha, ci_level=thresholds.ci_level,
                                 resamples=thresholds.bootstrap_resamples,
-                                current_requests=cur_req if both else None, baseline_requests=base_req if both else None))
+                                current_requests=((current_requests or {}).get(gate.metric) or {}).get(gate.statistic),
+                                baseline_requests=((baseline_requests or {}).get(gate.metric) or {}).get(gate.statistic)))
     return out
 
 
@@ -730,7 +720,8 @@ def compare_point(current: PointResult, baseline_entry: dict[str, Any] | None, b
     per_gap = [g for g in resolved.gates if g.metric in metrics.PER_GAP_METRICS]
     current_requests: dict[str, dict[str, np.ndarray]] = {}
     for g in per_gap:
-        current_requests.setdefault(g.metric, {})[g.statistic] = _request_values(current.records, g.metric, g.statistic)
+        current_requests.setdefault(g.metric, {})[g.statistic] = metrics.per_request_values(current.records, g.metric,
+                                                                                             g.statistic)
     baseline_requests = baseline_entry.get("request_stats") or {}
     pooled = sorted({g.key for g in per_gap if g.statistic not in (baseline_requests.get(g.metric) or {})})
     if pooled:

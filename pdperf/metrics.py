@@ -25,6 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from pdperf.results import RequestRecord
+from pdperf.stats import statistic_value
 
 LATENCY_METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "chunk_gap_ms", "e2e_ms", "queue_ms")
 PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
@@ -91,17 +92,12 @@ PER_GAP_METRICS = tuple(_PER_GAP)
 REQUEST_STATISTICS = ("p50", "p90", "p99")
 
 
-def per_request_values(records: Iterable[RequestRecord], metric: str, percentile: float) -> np.ndarray:
-    """One value per successful measured request with a gap: the ``percentile`` of that request's gaps."""
+def per_request_values(records: Iterable[RequestRecord], metric: str, statistic: str) -> np.ndarray:
+    """One value per successful measured request with a gap: ``statistic`` ("p50", "mean") of that request's gaps."""
     if metric not in _PER_GAP:
         raise ValueError(f"per_request_values: {metric} has one sample per request already")
-    out = []
-    for r in records:
-        if r.ok and not r.warmup:
-            gaps = _PER_GAP[metric](r)
-            if gaps:
-                out.append(float(np.percentile(gaps, percentile)))
-    return np.asarray(out, dtype=float)
+    gaps = (_PER_GAP[metric](r) for r in records if r.ok and not r.warmup)
+    return np.asarray([statistic_value(g, statistic) for g in gaps if g], dtype=float)
 
 
 def samples(records: Iterable[RequestRecord], metric: str) -> np.ndarray:

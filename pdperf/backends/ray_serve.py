@@ -451,7 +451,8 @@ class RayServeDeployment(Deployment):
             topology=t, backend=self.backend, base_url=base, model_id=t.name, tokenizer_path=self._model_path,
             metrics_urls=self.cluster.metrics_urls(), startup_s=startup_s, placement=self._placement,
             restarts_at_ready=restarts, restart_counter=self.restarts, log_tail=self.log_tail,
-            neighbours=self.neighbours, details={"app": self.app, "ray_address": self.cluster.address or "local", "adopted": self._adopted,
+            neighbours=self.neighbours,
+            details={"app": self.app, "ray_address": self.cluster.address or "local", "adopted": self._adopted,
                      "stream_batching_interval_ms": self.stream_batching_interval_ms})
 
     def stop(self, timeout_s: float = 120.0, *, evict: bool = False) -> None:

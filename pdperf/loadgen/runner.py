@@ -318,7 +318,7 @@ async def _run_inprocess(share: Share, window: TelemetryWindow, stop_after_s: fl
             if phase == "measured":
                 await asyncio.to_thread(window.start)
             client.stats = ClientStats()
-            sampler = asyncio.create_task(_sample_loop(window)) if phase == "measured" and (window.urls or window.gpu) else None
+            sampler = asyncio.create_task(_sample_loop(window)) if phase == "measured" and window.active else None
             lag = LoopLagMonitor(share.lag_interval_s)
             lag.start()
             cpu0 = _thread_cpu_s()

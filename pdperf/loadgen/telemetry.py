@@ -393,6 +393,11 @@ class TelemetryWindow:
         self.errors.update(errors)
         return texts
 
+    @property
+    def active(self) -> bool:
+        """Whether sampling during the window records anything."""
+        return bool(self.urls or self.gpu)
+
     def start(self) -> None:
         if self.urls:
             self.before = self._scrape()
