@@ -488,6 +488,9 @@ class MetricVerdict:
     # per-token metrics judged per request: how many requests each side had (None: pooled gaps)
     requests_current: int | None = None
     requests_baseline: int | None = None
+    # ... and the ratio of the median request's value, the one the interval is about (the
+    # pooled ratio above can lie outside it: at c64 a few requests' tails move the pooled p99)
+    request_ratio: float | None = None
 
     @property
     def key(self) -> str:
@@ -500,6 +503,8 @@ class MetricVerdict:
             return f"{head}: {self.reason}: {self.verdict}"
         unit = f" {self.unit}" if self.unit else ""
         ci = f", CI {self.ratio_ci[0]:.3g}-{self.ratio_ci[1]:.3g}" if self.ratio_ci else ", CI n/a"
+        if self.request_ratio is not None:
+            ci = f"; median request x{self.request_ratio:.2f}{ci}"
         p = format_p_value(self.p_value)
         per = (f", over {self.requests_current}/{self.requests_baseline} requests"
                if self.requests_current is not None else "")
@@ -591,7 +596,8 @@ def judge_metric(gate: Gate, current: np.ndarray, baseline: np.ndarray, *, alpha
     ``current_requests`` / ``baseline_requests`` (per-token metrics): one value per request, the
     gate's statistic of that request's gaps. Given both, the size of the change is still the ratio
     of the pooled statistic, but its significance comes from them: Mann-Whitney over requests, and
-    the interval of the ratio of the median request's value, resampling requests.
+    the interval of the ratio of the median request's value, resampling requests (that ratio is
+    kept as ``request_ratio`` and printed beside the interval it belongs to).
     """
     unit = metrics.UNITS.get(gate.metric, "")
     common = dict(metric=gate.metric, statistic=gate.statistic, direction=gate.direction, threshold=gate.max_change,
@@ -612,7 +618,10 @@ def judge_metric(gate: Gate, current: np.ndarray, baseline: np.ndarray, *, alpha
         cur_req, base_req = np.asarray(current_requests, dtype=float), np.asarray(baseline_requests, dtype=float)
         p = mann_whitney_u(cur_req, base_req).p_value if len(cur_req) and len(base_req) else 1.0
         ci = bootstrap_ratio_ci(cur_req, base_req, "p50", resamples=resamples, level=ci_level, seed=seed)
-        common.update(requests_current=int(len(cur_req)), requests_baseline=int(len(base_req)))
+        base_median = float(np.median(base_req)) if len(base_req) else 0.0
+        common.update(requests_current=int(len(cur_req)), requests_baseline=int(len(base_req)),
+                      request_ratio=(float(np.median(cur_req)) / base_median) if base_median > 0 and len(cur_req)
+                      else None)
     else:
         p = mann_whitney_u(current, baseline).p_value
         ci = bootstrap_ratio_ci(current, baseline, gate.statistic, resamples=resamples, level=ci_level, seed=seed)

@@ -110,3 +110,24 @@ def test_a_real_slowdown_is_still_caught_per_request():
     rng = np.random.default_rng(11)
     caught = [judge(correlated_run(rng, slow=1.6), correlated_run(rng), per_request=True) for _ in range(10)]
     assert caught.count("regressed") >= 9
+
+
+def test_the_message_names_the_ratio_its_interval_belongs_to():
+    """A few requests with long tails move the pooled p99 far more than the median request's p99
+    (4x H100, c64: pooled x2.02, CI of the median request 1.28-1.65): both are printed, so an
+    interval that misses the pooled ratio reads as what it is."""
+    rng = np.random.default_rng(3)
+    base = [list(20.0 * np.exp(rng.normal(0, 0.1, 255))) for _ in range(64)]
+    cur = [list(26.0 * np.exp(rng.normal(0, 0.1, 255))) for _ in range(64)]
+    for r in cur[:4]:
+        r[:20] = [400.0] * 20  # four requests stall: the pooled p99 jumps
+    gate = Gate(metric="itl_ms", statistic="p99", max_change=0.30, direction="lower-is-better")
+    flat = lambda run: np.concatenate([np.asarray(r) for r in run])  # noqa: E731
+    per = lambda run: np.array([np.percentile(r, 99) for r in run])  # noqa: E731
+    v = judge_metric(gate, flat(cur), flat(base), alpha=0.01, ci_level=0.99, resamples=400,
+                     current_requests=per(cur), baseline_requests=per(base))
+    assert v.ratio > v.ratio_ci[1]  # the pooled ratio lies outside the per-request interval ...
+    assert v.ratio_ci[0] <= v.request_ratio <= v.ratio_ci[1]  # ... the median request's does not
+    assert f"median request x{v.request_ratio:.2f}, CI" in v.message()
+    pooled = judge_metric(gate, flat(cur), flat(base), alpha=0.01, ci_level=0.99, resamples=400)
+    assert pooled.request_ratio is None and "median request" not in pooled.message()
