@@ -55,8 +55,9 @@ _LOCK_TIMEOUT_S = 60.0
 
 Direction = Literal["lower-is-better", "higher-is-better"]
 Verdict = Literal["regressed", "improved", "unchanged", "insufficient"]
-#: Overall statuses: the verdicts, plus "incomparable" (other hardware) and "missing" (no baseline).
-STATUSES = ("regressed", "improved", "unchanged", "insufficient", "incomparable", "missing")
+#: Overall statuses: the verdicts, plus "incomparable" (other hardware), "missing" (no baseline)
+#: and "unconfirmed" (regressed, then not in a re-measurement: pdperf.checks.confirm_regression).
+STATUSES = ("regressed", "improved", "unchanged", "insufficient", "incomparable", "missing", "unconfirmed")
 
 
 class BaselineError(PdperfError):
@@ -537,6 +538,9 @@ class GateResult:
     baseline_hardware_id: str | None = None
     thresholds_source: str = ""
     notes: list[str] = field(default_factory=list)
+    # Re-measurements of a regressed point (pdperf.checks.confirm_regression): per attempt
+    # {"attempt", "status", "message", "point_file"}; empty when none was made.
+    confirmations: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def regressed(self) -> bool:
@@ -544,9 +548,18 @@ class GateResult:
 
     def message(self) -> str:
         """One line for a human: the regressed (or improved) metrics, or why nothing was compared."""
-        if self.status in ("regressed", "improved"):
-            parts = [v.message() for v in self.verdicts if v.verdict == self.status]
-            return f"{self.point}: " + "; ".join(parts)
+        if self.status in ("regressed", "improved", "unconfirmed"):
+            parts = [v.message() for v in self.verdicts if v.verdict in (self.status, "regressed")]
+            text = f"{self.point}: " + "; ".join(parts)
+            if self.status == "unconfirmed":
+                last = self.confirmations[-1] if self.confirmations else {}
+                return (f"{self.point}: unconfirmed: the first measurement regressed ({'; '.join(parts)}), "
+                        f"re-measurement {last.get('attempt', '?')} did not ({last.get('status', '?')}): the point's "
+                        "own run-to-run spread, not a regression shown twice")
+            if self.status == "regressed" and self.confirmations:
+                n = len(self.confirmations)
+                text += f" (confirmed by {n} re-measurement{'s' if n != 1 else ''})"
+            return text
         if self.status == "unchanged":
             n = sum(1 for v in self.verdicts if v.verdict == "unchanged")
             return f"{self.point}: unchanged ({n} of {len(self.verdicts)} gated metrics within limits)"
@@ -558,14 +571,15 @@ class GateResult:
         return {"point": self.point, "status": self.status, "message": self.message(), "reason": self.reason,
                 "hardware_id": self.hardware_id, "baseline_hardware_id": self.baseline_hardware_id,
                 "thresholds_source": self.thresholds_source, "notes": list(self.notes),
-                "verdicts": [v.to_dict() for v in self.verdicts]}
+                "verdicts": [v.to_dict() for v in self.verdicts], "confirmations": list(self.confirmations)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GateResult":
         return cls(point=d["point"], status=d["status"], reason=d.get("reason", ""),
                    hardware_id=d.get("hardware_id"), baseline_hardware_id=d.get("baseline_hardware_id"),
                    thresholds_source=d.get("thresholds_source", ""), notes=list(d.get("notes", [])),
-                   verdicts=[MetricVerdict.from_dict(v) for v in d.get("verdicts", [])])
+                   verdicts=[MetricVerdict.from_dict(v) for v in d.get("verdicts", [])],
+                   confirmations=list(d.get("confirmations", [])))
 
 
 def _env_differences(current: dict[str, Any], baseline: dict[str, Any], limit: int = 8) -> list[str]:

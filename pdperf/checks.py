@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pdperf.baselines import GateResult, Thresholds, gate_point
 from pdperf.results import PointResult
@@ -53,11 +53,18 @@ def slo_failures(result: PointResult) -> list[str]:
 
 
 def judge(result: PointResult, *, test_id: str, baselines_root: Path, thresholds: Thresholds,
-          gate: bool = True) -> Verdict:
+          gate: bool = True, remeasure: Callable[[int], PointResult] | None = None,
+          confirm_attempts: int = 0) -> Verdict:
+    """SLOs of ``result``, and (``gate``) the baseline gate; a regression is confirmed by
+    re-measuring when ``remeasure`` is given (confirm_regression). The SLOs judge the first
+    measurement alone."""
     v = Verdict(test_id=test_id, slo=list(result.summary.get("slos", [])), flags=list(result.flags))
     v.slo_failures = slo_failures(result)
     if gate:
         v.gate = gate_point(baselines_root, result, thresholds)
+        if remeasure is not None:
+            v.gate = confirm_regression(v.gate, remeasure, lambda again: gate_point(baselines_root, again, thresholds),
+                                        confirm_attempts)
     return v
 
 
@@ -94,3 +101,32 @@ def kv_bandwidth_gb_s(telemetry: dict[str, Any]) -> float | None:
     if not total_bytes or not per_xfer_s or not count:
         return None
     return float(total_bytes) / (float(per_xfer_s) * float(count)) / 1e9
+
+
+def confirm_regression(gate: GateResult, remeasure: Callable[[int], PointResult],
+                       regate: Callable[[PointResult], GateResult], attempts: int) -> GateResult:
+    """Re-measure a regressed point up to ``attempts`` times; the regression stands only if every
+    re-measurement regresses too.
+
+    Why: a point's speed moves between runs by more than its requests' spread says. On 4x H100
+    (eager, Ray Serve LLM) the same deployment measured twice, minutes apart, gave TPOT p50 22.2
+    and 18.9 ms at c4 (x0.85, p = 4e-6 over requests): in the first run a third of the requests
+    decoded at 33 ms per token instead of 20, with GPU clocks at their maximum throughout. Had the
+    runs come the other way round, unchanged code would have failed the gate. A real regression
+    repeats; such a slow stretch rarely does. The first measurement stays the point's result;
+    each re-measurement's gate is kept in ``gate.confirmations``. A re-measurement that does not
+    regress ends the loop with status "unconfirmed" (the test passes and the report says so).
+    ``remeasure(k)`` measures attempt k (1-based) and saves it; an error in it propagates, and what
+    was already measured stays saved.
+    """
+    if gate.status != "regressed" or attempts <= 0:
+        return gate
+    for k in range(1, attempts + 1):
+        again = remeasure(k)
+        g = regate(again)
+        gate.confirmations.append({"attempt": k, "status": g.status, "message": g.message(),
+                                   "started_at": again.started_at})
+        if g.status != "regressed":
+            gate.status = "unconfirmed"
+            break
+    return gate

@@ -62,6 +62,7 @@ CSS = """
 .pdperf-report .b-failed, .pdperf-report .b-error, .pdperf-report .b-regressed { background: #c62828; }
 .pdperf-report .b-skipped, .pdperf-report .b-insufficient, .pdperf-report .b-missing,
 .pdperf-report .b-incomparable { background: #757575; }
+.pdperf-report .b-unconfirmed { background: #ef6c00; }
 .pdperf-report .win { background: #e8f5e9; color: #1b5e20; font-weight: 600; }
 .pdperf-report .lose { background: #fdecea; color: #b71c1c; font-weight: 600; }
 .pdperf-report .even { color: #555; }
@@ -165,6 +166,7 @@ def _header(run: RunData, summaries: dict[str, dict]) -> str:
         outcomes[str(v.get("outcome", "unknown"))] += 1
     gates = [v.get("gate") for v in verdicts if isinstance(v.get("gate"), dict)]
     regressed = sum(1 for g in gates if g.get("status") == "regressed")
+    unconfirmed = sum(1 for g in gates if g.get("status") == "unconfirmed")
     flagged = sum(1 for p in run.points if p.flags)
     failed_req = sum(int(summaries[p.id].get("requests_failed") or 0) for p in run.points)
     topologies = sorted({p.topology for p in run.points})
@@ -175,12 +177,13 @@ def _header(run: RunData, summaries: dict[str, dict]) -> str:
         parts.append("tests: " + ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items(),
                                                                            key=lambda kv: OUTCOME_ORDER.get(kv[0], 9))))
     if gates:
-        parts.append(f"baseline gate: {regressed} regressed of {len(gates)} gated")
+        parts.append(f"baseline gate: {regressed} regressed"
+                     + (f", {unconfirmed} unconfirmed" if unconfirmed else "") + f" of {len(gates)} gated")
     if flagged:
         parts.append(f"{flagged} flagged point{'s' if flagged != 1 else ''}")
     if failed_req:
         parts.append(f"{failed_req} failed requests")
-    bad = bool(outcomes.get("failed") or outcomes.get("error") or regressed or flagged or failed_req
+    bad = bool(outcomes.get("failed") or outcomes.get("error") or regressed or unconfirmed or flagged or failed_req
                or run.problems or not run.points)
     verdict = "needs attention" if bad else "all clear"
     meta = [("run id", run.run_id), ("started", r.get("started_at")), ("finished", r.get("finished_at")),
@@ -200,6 +203,12 @@ def _attention(run: RunData, summaries: dict[str, dict]) -> str:
         if p.flags:
             items.append((True, f"<code>{escape(p.id)}</code>: " + " ".join(_flag(f) for f in p.flags)
                 + " — this point's numbers are suspect; re-run it"))
+    for v in run.verdicts or []:
+        gate = v.get("gate")
+        if isinstance(gate, dict) and gate.get("status") == "unconfirmed":
+            items.append((True, f"<code>{escape(str(gate.get('point')))}</code>: regressed, then not in its "
+                                "re-measurement: this machine's run-to-run spread exceeded the gate's limit here "
+                                "(details in the verdicts; both measurements are in points/)"))
     for p in run.points:
         s = summaries[p.id]
         failed = int(s.get("requests_failed") or 0)
@@ -295,6 +304,9 @@ def _gate_html(gate: dict[str, Any]) -> str:
     rows = "".join(f"<tr><td>{_badge(str(v.get('verdict')))}</td><td>{escape(str(v.get('message', '')))}</td></tr>"
                    for v in gate.get("verdicts", []))
     notes = "".join(f"<li>{escape(str(n))}</li>" for n in gate.get("notes", []))
+    notes += "".join(f"<li>re-measurement {escape(str(c.get('attempt')))} ({escape(str(c.get('point_file', '')))}): "
+                     f"{_badge(str(c.get('status')))} {escape(str(c.get('message', '')))}</li>"
+                     for c in gate.get("confirmations", []))
     details = ""
     if rows or notes:
         details = (f"<details><summary>{len(gate.get('verdicts', []))} gated metrics"

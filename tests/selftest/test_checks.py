@@ -6,10 +6,13 @@ dicts), so a change to the summary's shape breaks these tests rather than the sw
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from pdperf.baselines import GateResult, load_thresholds, write_baseline
 from pdperf.checks import SweepTracker, judge, slo_failures
 from pdperf.metrics import summarize
 from pdperf.results import PointResult, RequestRecord
@@ -101,3 +104,90 @@ def test_limit_zero_never_stops_and_a_higher_limit_waits():
     assert tracker.stop_reason("topo", "wl", limit=3) is None
     tracker.record("topo", "wl", "c4", slo_ok=False)
     assert tracker.stop_reason("topo", "wl", limit=3) is not None
+
+
+# --------------------------------------------------------------------------- confirmation
+# The gate is real (baselines on disk, the real thresholds); what stands in is the measuring:
+# a list of prepared points handed out one per re-measurement (FakeRemeasure), since a slow
+# stretch that comes and goes cannot be produced on demand (tests/smoke has the real stack's
+# confirmed case).
+
+def gated_point(gap_ms: float, *, started_at: str = "2026-01-01T00:00:00Z") -> PointResult:
+    rng = np.random.default_rng(int(gap_ms * 10))
+    records = [record(i, 100.0 * float(np.exp(rng.normal(0, 0.05))), tokens=40,
+                      gap_ms=gap_ms * float(np.exp(rng.normal(0, 0.05)))) for i in range(40)]
+    p = point(records, [])
+    p.started_at = started_at
+    p.environment = {"hardware_id": "cpu-test"}
+    return p
+
+
+class FakeRemeasure:
+    """Hands out prepared points as re-measurements, recording which attempts were asked for."""
+
+    def __init__(self, *points: PointResult) -> None:
+        self.points, self.attempts = list(points), []
+
+    def __call__(self, attempt: int) -> PointResult:
+        self.attempts.append(attempt)
+        return self.points[attempt - 1]
+
+
+@pytest.fixture
+def slow_vs_fast(tmp_path: Path):
+    write_baseline(tmp_path, [gated_point(10.0)])
+    return tmp_path, load_thresholds()
+
+
+def run_judge(root: Path, thresholds, first: PointResult, fake: FakeRemeasure | None, attempts: int = 1):
+    return judge(first, test_id="t", baselines_root=root, thresholds=thresholds, remeasure=fake,
+                 confirm_attempts=attempts)
+
+
+def test_a_regression_that_repeats_fails(slow_vs_fast):
+    root, thresholds = slow_vs_fast
+    fake = FakeRemeasure(gated_point(30.0, started_at="later"))
+    v = run_judge(root, thresholds, gated_point(30.0), fake)
+    assert v.gate.status == "regressed" and fake.attempts == [1]
+    assert v.gate.confirmations[0]["status"] == "regressed" and v.gate.confirmations[0]["started_at"] == "later"
+    assert "confirmed by 1 re-measurement" in v.failure_message()
+
+
+def test_a_regression_that_does_not_repeat_passes_as_unconfirmed(slow_vs_fast):
+    root, thresholds = slow_vs_fast
+    fake = FakeRemeasure(gated_point(10.2), gated_point(30.0))
+    v = run_judge(root, thresholds, gated_point(30.0), fake, attempts=2)
+    assert v.gate.status == "unconfirmed" and fake.attempts == [1]  # the first clean re-measurement ends it
+    assert v.failure_message() is None and v.skip_message() is None
+    msg = v.gate.message()
+    assert "unconfirmed: the first measurement regressed (p50 tpot_ms 9.96 -> 29.9 ms" in msg
+    assert "re-measurement 1 did not (unchanged)" in msg
+    again = GateResult.from_dict(json.loads(json.dumps(v.gate.to_dict())))
+    assert again.status == "unconfirmed" and again.confirmations == v.gate.confirmations
+
+
+def test_every_re_measurement_must_regress(slow_vs_fast):
+    root, thresholds = slow_vs_fast
+    fake = FakeRemeasure(gated_point(30.0), gated_point(10.0))
+    v = run_judge(root, thresholds, gated_point(30.0), fake, attempts=2)
+    assert v.gate.status == "unconfirmed" and fake.attempts == [1, 2]
+    assert [c["status"] for c in v.gate.confirmations] == ["regressed", "unchanged"]
+
+
+@pytest.mark.parametrize("gap_ms, attempts", [(10.0, 1), (30.0, 0)])
+def test_no_re_measurement_unless_regressed_and_asked(slow_vs_fast, gap_ms, attempts):
+    root, thresholds = slow_vs_fast
+    fake = FakeRemeasure()
+    v = run_judge(root, thresholds, gated_point(gap_ms), fake, attempts=attempts)
+    assert fake.attempts == [] and v.gate.confirmations == []
+    assert v.gate.status == ("unchanged" if gap_ms == 10.0 else "regressed")
+
+
+def test_an_error_while_re_measuring_propagates(slow_vs_fast):
+    root, thresholds = slow_vs_fast
+
+    def broken(attempt: int) -> PointResult:
+        raise RuntimeError("the endpoint went away")
+
+    with pytest.raises(RuntimeError, match="went away"):
+        run_judge(root, thresholds, gated_point(30.0), broken)
