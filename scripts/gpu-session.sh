@@ -11,6 +11,10 @@
 #   scripts/gpu-session.sh 5   Ray colloc-1xtp2 (TP2): smoke + sweep recorded, then gated as far as time goes
 #   scripts/gpu-session.sh 6   no Ray (vllm backend): colloc-2xtp1's sweep gated against the committed
 #                              baselines (baselines/h100-x4/.../*.vllm.json)
+#   scripts/gpu-session.sh 7   Ray PD alone on a fresh head: the sweep from c4 up gated against the
+#                              committed baselines (c1's 16 sequential requests take ~2 min)
+#   scripts/gpu-session.sh 8   the same for colloc-2xtp1: 7 + 8 compare PD and collocated within one
+#                              session (pdperf compare of their run folders)
 # A gated step also records the points the recording step did not reach (--record-missing-baselines).
 # Measured on 4x H100, eager: a Ray start-up 150-320 s (a replica restart costs ~150 s), smoke ~60 s,
 # the sweep 260-300 s (c1 alone 106-133 s: 20 sequential requests of 256 tokens).
@@ -143,5 +147,14 @@ case $step in
   suite vllm-gate 520 -m sweep --backend vllm --topology "$T_COLLOC" --workload "$WORKLOAD" "${MODEL[@]}" \
     "${ENGINE[@]}" --deploy-timeout 200
   ;;
-*) echo "step must be 1 to 6" >&2; exit 2 ;;
+7|8)
+  [ "$step" = 7 ] && target=$T_PD || target=$T_COLLOC
+  scripts/gpu-testmachine.sh --stop
+  # c1 (16 sequential requests, ~2 min) left out: a start-up of 3-5 min and c4-c64 fill the call
+  first="tests/sweeps/test_sweeps.py::test_point[$target/$WORKLOAD/${FIRST_POINT:-c1}]"
+  log "gated alone: $target, without $first"
+  suite "ray-alone-$target" 520 -m sweep --topology "$target" "${common[@]}" --deploy-timeout 360 \
+    --record-missing-baselines --deselect "$first"
+  ;;
+*) echo "step must be 1 to 8" >&2; exit 2 ;;
 esac

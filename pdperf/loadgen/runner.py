@@ -54,6 +54,7 @@ from pdperf.loadgen.client import (
     run_open_loop,
 )
 from pdperf.loadgen.datasets import build_workload_prompts
+from pdperf.loadgen.hostcpu import HostCpuSampler
 from pdperf.loadgen.telemetry import GpuSampler, TelemetryWindow
 from pdperf.metrics import summarize
 from pdperf.results import PointResult, RequestRecord
@@ -407,7 +408,9 @@ def run_point(*, base_url: str, model: str, tokenizer_path: Path, workload: Work
                          seed=workload.seed)
     # GPU clocks, power and temperature alongside, where this host has GPUs and the point runs on GPUs
     gpu = GpuSampler() if (environment or {}).get("gpus") and GpuSampler.available() else None
-    window = TelemetryWindow(metrics_urls, gpu=gpu)
+    # and the CPU this host's serving processes used and waited for (pdperf.loadgen.hostcpu)
+    host = HostCpuSampler() if HostCpuSampler.available() else None
+    window = TelemetryWindow(metrics_urls, gpu=gpu, host=host)
     phase_timeout_s = _phase_timeout_s(shares, workload.request_timeout_s, sweep.max_duration_s)
     if processes <= 0:
         loop = _new_loop()

@@ -29,6 +29,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from pdperf.loadgen.hostcpu import HostCpuSampler
+
 SampleKey = tuple[str, tuple[tuple[str, str], ...]]
 
 # flat key -> histogram base names (normalised), first present wins
@@ -379,10 +381,12 @@ class TelemetryWindow:
     so sampling adds no parsing stall to the process that is timing streams.
     """
 
-    def __init__(self, urls: Iterable[str], *, timeout_s: float = 5.0, gpu: GpuSampler | None = None) -> None:
+    def __init__(self, urls: Iterable[str], *, timeout_s: float = 5.0, gpu: GpuSampler | None = None,
+                 host: HostCpuSampler | None = None) -> None:
         self.urls = list(urls)
         self.timeout_s = timeout_s
         self.gpu = gpu
+        self.host = host
         self.before: dict[str, str] = {}
         self.after: dict[str, str] = {}
         self.during: list[dict[str, str]] = []
@@ -396,30 +400,35 @@ class TelemetryWindow:
     @property
     def active(self) -> bool:
         """Whether sampling during the window records anything."""
-        return bool(self.urls or self.gpu)
+        return bool(self.urls or self.gpu or self.host)
+
+    def _samplers(self) -> None:
+        for sampler in (self.gpu, self.host):
+            if sampler:
+                sampler.sample()
 
     def start(self) -> None:
         if self.urls:
             self.before = self._scrape()
-        if self.gpu:
-            self.gpu.sample()
+        self._samplers()
 
     def sample(self) -> None:
         """Keep only the gauge lines of a scrape taken during the window (memory stays small)."""
         if self.urls:
             self.during.append({u: _gauge_lines(t) for u, t in self._scrape().items()})
-        if self.gpu:
-            self.gpu.sample()
+        self._samplers()
 
     def stop(self) -> None:
         if self.urls:
             self.after = self._scrape()
-        if self.gpu:
-            self.gpu.sample()
+        self._samplers()
 
     def result(self) -> dict[str, Any]:
         out = summarize(self.before, self.after, self.during, self.errors) if self.urls else {}
         gpu = self.gpu.result() if self.gpu else {}
         if gpu:
             out["gpu"] = gpu
+        host = self.host.result() if self.host else {}
+        if host:
+            out["host_cpu"] = host
         return out

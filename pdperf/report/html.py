@@ -391,7 +391,7 @@ def _topology_tables(run: RunData, summaries: dict[str, dict]) -> str:
                    f"{escape(gpu_text)}{_co_resident_text(pts)}</span></h3>"
                    "<div class=\"scroll\"><table class=\"results\">"
                    f"<tr>{''.join(hdr1)}</tr>"
-                   f"<tr>{hdr2}</tr>{''.join(rows)}</table></div>" + _gpu_clock_text(pts))
+                   f"<tr>{hdr2}</tr>{''.join(rows)}</table></div>" + _gpu_clock_text(pts) + _host_cpu_text(pts))
     return "".join(out)
 
 
@@ -413,6 +413,37 @@ def _gpu_clock_text(pts: list[PointResult]) -> str:
         return ""
     return ('<p class="note">GPU SM clocks while busy (the client host\'s GPUs, NVML\'s reasons for held clocks): '
             + escape("; ".join(parts)) + "</p>")
+
+
+def _host_cpu_text(pts: list[PointResult], roles_shown: int = 4) -> str:
+    """One line per topology: per point, the client host's serving processes by role, cores busy /
+    cores waiting for a CPU (mean over the point; the most waiting in one interval), from
+    ``telemetry["host_cpu"]``; nothing where no point carries them."""
+    parts = []
+    for p in pts:
+        roles = (((p.telemetry or {}).get("host_cpu") or {}).get("roles")) or {}
+        if not roles:
+            continue
+        own, beside = [], [0.0, 0.0]
+        for role, r in roles.items():
+            app, _, name = role.rpartition("/")
+            if app and app != p.topology:  # another Serve application up beside this one
+                beside[0] += float(r.get("cpu_cores") or 0)
+                beside[1] += float(r.get("wait_cores") or 0)
+            else:
+                own.append((name, r))
+        top = sorted(own, key=lambda kv: -float(kv[1].get("cpu_cores") or 0))[:roles_shown]
+        text = f"{p.point_id}: " + ", ".join(
+            f"{name}×{r.get('processes', 0)} {float(r.get('cpu_cores') or 0):.2f} / "
+            f"{float(r.get('wait_cores') or 0):.2f} (max {float(r.get('wait_cores_max') or 0):.2f})"
+            for name, r in top)
+        if beside != [0.0, 0.0]:
+            text += f", other applications {beside[0]:.2f} / {beside[1]:.2f}"
+        parts.append(text)
+    if not parts:
+        return ""
+    return ('<p class="note">Serving processes on the client host, cores busy / cores waiting for a CPU '
+            '(mean over the point; the most waiting in one second): ' + escape("; ".join(parts)) + "</p>")
 
 
 def _co_resident_text(pts: list[PointResult]) -> str:

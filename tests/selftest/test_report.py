@@ -234,6 +234,21 @@ def test_gpu_clocks_of_each_point_under_its_topology_table(tmp_path):
     assert html.count("GPU SM clocks while busy") == 1  # the CPU topology's table has none
 
 
+def test_serving_processes_cpu_of_each_point_under_its_topology_table(tmp_path):
+    run_dir = tmp_path / "run-host"
+    roles = {"VLLM::EngineCore": {"processes": 2, "cpu_cores": 1.9, "wait_cores": 0.02, "wait_cores_max": 0.31},
+             "colloc/OpenAiIngress": {"processes": 8, "cpu_cores": 0.4, "wait_cores": 0.0, "wait_cores_max": 0.01},
+             "pd/Decode": {"processes": 1, "cpu_cores": 0.25, "wait_cores": 0.5, "wait_cores_max": 0.9},
+             "pd/VLLM::EngineCore": {"processes": 1, "cpu_cores": 0.25, "wait_cores": 0.25, "wait_cores_max": 0.3}}
+    save_point(run_dir / "points" / "c4.json",
+               synthetic_point("colloc", "w", 4, n=12, output_tokens=3, telemetry={"host_cpu": {"roles": roles}}))
+    save_point(run_dir / "points" / "c1.json", synthetic_point("colloc", "w", 1, n=12, output_tokens=3))
+    html = build_report(run_dir).read_text()
+    assert html.count("cores waiting for a CPU") == 1
+    assert ("c4: VLLM::EngineCore×2 1.90 / 0.02 (max 0.31), OpenAiIngress×8 0.40 / 0.00 (max 0.01), "
+            "other applications 0.50 / 0.75") in html
+
+
 def test_ratio_rows_are_trimmed_to_the_ones_that_matter():
     from pdperf.report.plots import trim_ratio_rows
 
