@@ -5,7 +5,9 @@ slower, and is that real?". This answers it from files alone, with the same stat
 and thresholds as the baseline gate (pdperf.baselines): for each point id that A and B
 share, and each gated metric, the ratio B/A with its bootstrap interval, the Mann-Whitney
 p-value and a verdict. A is the reference; B, C ... are each compared to it. Two point
-files with different ids are compared directly (e.g. a PD point against a collocated one).
+files with different ids are compared directly (e.g. a PD point against a collocated one);
+``--across-topologies`` pairs two run folders' points by workload and load point instead of
+id, for a run of one topology against a run of another (PD against collocated, point by point).
 
 ``--baseline`` compares each given run against the stored baselines of its own hardware.
 
@@ -54,16 +56,36 @@ def load_input(path: Path) -> Input:
     return Input(path, {p.id: p}, True)
 
 
+def _by_load_point(inp: Input) -> dict[tuple[str, str], PointResult]:
+    """The input's points keyed by (workload, load point), its topology left out; ReportError when
+    two topologies of the input share a key (which one to pair would be a guess)."""
+    out: dict[tuple[str, str], PointResult] = {}
+    for p in inp.points.values():
+        key = (p.workload, p.point_id)
+        if key in out:
+            raise ReportError(f"{inp.path}: both {out[key].id} and {p.id} are at {key[0]}/{key[1]}; "
+                              "--across-topologies pairs runs of one topology each: pass point files, or split the run")
+        out[key] = p
+    return out
+
+
 def compare_inputs(reference: Input, other: Input, thresholds: Thresholds, *,
-                   allow_cross_hardware: bool = False) -> list[GateResult]:
-    """Gate every point of ``other`` against the point with the same id in ``reference``."""
-    common = [pid for pid in other.points if pid in reference.points]
-    pairs = [(other.points[pid], reference.points[pid]) for pid in common]
+                   allow_cross_hardware: bool = False, across_topologies: bool = False) -> list[GateResult]:
+    """Gate every point of ``other`` against the point with the same id in ``reference``, or with
+    ``across_topologies`` the same workload and load point (a PD run against a collocated one)."""
+    if across_topologies:
+        ref_points, other_points = _by_load_point(reference), _by_load_point(other)
+        pairs = [(p, ref_points[key]) for key, p in other_points.items() if key in ref_points]
+    else:
+        pairs = [(other.points[pid], reference.points[pid]) for pid in other.points if pid in reference.points]
     if not pairs and reference.single_file and other.single_file:
         pairs = [(next(iter(other.points.values())), next(iter(reference.points.values())))]
     if not pairs:
+        hint = ("compare runs of the same workloads and load points" if across_topologies else
+                "compare runs of the same topologies and workloads, or pass --across-topologies to pair "
+                "points by workload and load point (a PD run against a collocated one)")
         raise ReportError(f"{other.path} and {reference.path} share no point id (e.g. {next(iter(other.points), '-')} "
-                          f"vs {next(iter(reference.points), '-')}); compare runs of the same topologies and workloads")
+                          f"vs {next(iter(reference.points), '-')}); {hint}")
     results = []
     for cur, ref in pairs:
         entry = {"samples": point_samples(ref), "request_stats": point_request_stats(ref), "flags": list(ref.flags)}
@@ -153,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--thresholds", type=Path, default=THRESHOLDS_PATH, help="default: %(default)s")
     ap.add_argument("--allow-cross-hardware", action="store_true",
                     help="show numbers even when the hardware_id differs (never used by the gate)")
+    ap.add_argument("--across-topologies", action="store_true",
+                    help="pair points by workload and load point, not by id: each input's one topology against "
+                         "the reference's (e.g. a PD run folder against a collocated one)")
     ap.add_argument("--html", type=Path, metavar="OUT", help="also write an HTML page with a ratio chart")
     args = ap.parse_args(argv)
     if not args.baseline and len(args.inputs) < 2:
@@ -171,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             reference = inputs[0]
             for other in inputs[1:]:
                 sections.append((f"{other.path} vs {reference.path}", compare_inputs(
-                    reference, other, thresholds, allow_cross_hardware=args.allow_cross_hardware)))
+                    reference, other, thresholds, allow_cross_hardware=args.allow_cross_hardware,
+                    across_topologies=args.across_topologies)))
         if args.html:
             atomic_write_text(args.html, render_html(sections))
     except PdperfError as e:

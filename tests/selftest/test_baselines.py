@@ -334,6 +334,25 @@ def test_compare_cli_single_point_files_with_different_ids(tmp_path, capsys):
     assert f"{pd.id} vs {co.id}" in capsys.readouterr().out
 
 
+def test_compare_cli_across_topologies_pairs_by_load_point(tmp_path, capsys):
+    pd = [point(seed=1, point_value=4), point(seed=2, point_value=16)]
+    co = [synthetic_point("collocated-2x", "isl128-osl8", c, n=150, output_tokens=8, seed=c, hardware_id=CPU)
+          for c in (4, 16, 64)]
+    a, b = _run_folder(tmp_path, "colloc", co), _run_folder(tmp_path, "pd", pd)
+    assert compare_main([str(a), str(b)]) == 2
+    assert "share no point id" in (err := capsys.readouterr().err) and "--across-topologies" in err
+    assert compare_main([str(a), str(b), "--across-topologies"]) in (0, 1)
+    out = capsys.readouterr().out
+    assert "pd-1p1d/isl128-osl8/c4 vs collocated-2x/isl128-osl8/c4" in out
+    assert "pd-1p1d/isl128-osl8/c16 vs collocated-2x/isl128-osl8/c16" in out and "/c64" not in out
+    both = tmp_path / "both"  # two topologies at one load point: which to pair would be a guess
+    for p in (co[0], pd[0]):
+        save_point(both / "points" / f"{p.topology}-{p.point_id}.json", p)
+    assert compare_main([str(a), str(both), "--across-topologies"]) == 2
+    err = capsys.readouterr().err
+    assert "are at isl128-osl8/c4" in err and err.count("\n") == 1
+
+
 def test_compare_cli_baseline_mode(tmp_path, capsys):
     store = tmp_path / "store"
     write_baseline(store, [point(seed=1)])
