@@ -110,6 +110,8 @@ def format_table(results: Sequence[GateResult]) -> str:
             continue
         for v in r.verdicts:
             ci = f"{v.ratio_ci[0]:.2f}-{v.ratio_ci[1]:.2f}" if v.ratio_ci else ""
+            if ci and v.request_ratio is not None:  # the interval is the median request's ratio's
+                ci += f" (median request x{v.request_ratio:.2f})"
             limit = f"+{v.threshold * 100:.0f}%" if v.threshold else ""
             rows.append((r.point, f"{v.statistic} {v.metric}", format_value(v.baseline_value),
                          format_value(v.current_value), f"x{v.ratio:.2f}" if v.ratio is not None else "", ci,
