@@ -16,7 +16,7 @@ from collections import defaultdict
 from html import escape
 from typing import Any, Iterable, Sequence
 
-from pdperf import __version__
+from pdperf import __version__, metrics
 from pdperf.report.plots import (LegendItem, RatioRow, Series, line_chart, no_data, palette_color, ratio_chart,
                                  stacked_bar_chart, trim_ratio_rows)
 from pdperf.report.rundata import RunData, latency, point_summary, throughput, topology_kind
@@ -482,6 +482,36 @@ def _latency_chart(pts: list[PointResult], summaries: dict[str, dict], colors: d
                       y_label=f"{label} (ms)", legend=legend, x_ticks_at_data=True)
 
 
+def _by_topology(pts: Iterable[PointResult]) -> dict[str, list[PointResult]]:
+    out: dict[str, list[PointResult]] = defaultdict(list)
+    for p in pts:
+        out[p.topology].append(p)
+    return out
+
+
+def _pace_chart(pts: list[PointResult], workload: str) -> str:
+    """Each measured request's TPOT against when it was sent, one line per load point of one
+    topology: a slow stretch within a point (on 4x H100 a third of a point's requests decoded at
+    ~33 ms per token instead of ~20) shows as a step, which the point's percentiles hide. Look
+    here before accepting a baseline."""
+    series = []
+    for i, p in enumerate(sorted(pts, key=lambda p: p.point_value)):
+        reqs = sorted((r for r in p.records if r.ok and not r.warmup and r.sent_s is not None),
+                      key=lambda r: r.sent_s)
+        pace = [(r, metrics.tpot_ms(r)) for r in reqs]
+        pace = [(r, v) for r, v in pace if v is not None]
+        if not pace:
+            continue
+        t0 = pace[0][0].sent_s
+        series.append(Series(p.point_id, [r.sent_s - t0 for r, _ in pace], [v for _, v in pace],
+                             color=palette_color(i), width=1.0,
+                             point_labels=[f"{p.point_id}: request {r.index}" for r, _ in pace]))
+    topology = pts[0].topology if pts else ""
+    return line_chart(series, title=f"TPOT per request in time — {topology} — {workload}",
+                      x_label="seconds since the point's first measured request", y_label="TPOT (ms)",
+                      log_x=False, legend=[LegendItem(s.label, s.color) for s in series])
+
+
 def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """Points not beaten on both lower x (latency) and higher y (throughput), by increasing x."""
     front: list[tuple[float, float]] = []
@@ -546,6 +576,7 @@ def _plots(run: RunData, summaries: dict[str, dict]) -> str:
             _latency_chart(pts, summaries, colors, "tpot_ms", "TPOT", workload, sweep_kind),
             _pareto_chart(pts, summaries, colors, workload),
             _attribution_chart(pts, workload),
+            *(_pace_chart(tp, workload) for _, tp in sorted(_by_topology(pts).items())),
         ]
         out.append(f"<h3>{escape(workload)} <span class=\"note\">{escape(sweep_kind)} sweep</span></h3>"
                    f"<div class=\"charts\">{''.join(charts)}</div>")

@@ -249,6 +249,20 @@ def test_serving_processes_cpu_of_each_point_under_its_topology_table(tmp_path):
             "other applications 0.50 / 0.75") in html
 
 
+def test_each_topology_gets_a_chart_of_its_requests_pace_in_time(tmp_path):
+    """A slow stretch within a point shows as a step of its requests' TPOT in time."""
+    run_dir = tmp_path / "run-pace"
+    for topo in ("colloc", "pd-1p1d"):
+        for c in (1, 4):
+            save_point(run_dir / "points" / f"{topo}-c{c}.json",
+                       synthetic_point(topo, "w", c, n=12, output_tokens=3))
+    html = build_report(run_dir).read_text()
+    assert html.count("TPOT per request in time — colloc — w</title>") == 1
+    assert html.count("TPOT per request in time — pd-1p1d — w</title>") == 1
+    assert "seconds since the point&#x27;s first measured request" in html or \
+        "seconds since the point's first measured request" in html
+
+
 def test_ratio_rows_are_trimmed_to_the_ones_that_matter():
     from pdperf.report.plots import trim_ratio_rows
 
