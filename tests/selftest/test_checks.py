@@ -191,3 +191,14 @@ def test_an_error_while_re_measuring_propagates(slow_vs_fast):
 
     with pytest.raises(RuntimeError, match="went away"):
         run_judge(root, thresholds, gated_point(30.0), broken)
+
+
+def test_the_terminal_summary_names_unconfirmed_points(slow_vs_fast):
+    from fixtures.reporting import unconfirmed_lines
+
+    root, thresholds = slow_vs_fast
+    v = run_judge(root, thresholds, gated_point(30.0), FakeRemeasure(gated_point(10.1)))
+    verdicts = [{"test_id": "a", "gate": v.gate.to_dict()}, {"test_id": "b", "gate": None},
+                {"test_id": "c", "gate": {"status": "unchanged", "point": "x"}}]
+    [line] = unconfirmed_lines(verdicts)
+    assert line.startswith("  unconfirmed (passed): cpu-pd-1p1-1d1/cpu-latency/c2: unconfirmed: the first measurement")
