@@ -548,15 +548,15 @@ class GateResult:
 
     def message(self) -> str:
         """One line for a human: the regressed (or improved) metrics, or why nothing was compared."""
-        if self.status in ("regressed", "improved", "unconfirmed"):
-            parts = [v.message() for v in self.verdicts if v.verdict in (self.status, "regressed")]
-            text = f"{self.point}: " + "; ".join(parts)
-            if self.status == "unconfirmed":
-                last = self.confirmations[-1] if self.confirmations else {}
-                return (f"{self.point}: unconfirmed: the first measurement regressed ({'; '.join(parts)}), "
-                        f"re-measurement {last.get('attempt', '?')} did not ({last.get('status', '?')}): the point's "
-                        "own run-to-run spread, not a regression shown twice")
-            if self.status == "regressed" and self.confirmations:
+        if self.status == "unconfirmed":  # the first measurement's verdicts say "regressed"
+            parts = "; ".join(v.message() for v in self.verdicts if v.verdict == "regressed")
+            last = self.confirmations[-1] if self.confirmations else {}
+            return (f"{self.point}: unconfirmed: the first measurement regressed ({parts}), "
+                    f"re-measurement {last.get('attempt', '?')} did not ({last.get('status', '?')}): the point's "
+                    "own run-to-run spread, not a regression shown twice")
+        if self.status in ("regressed", "improved"):
+            text = f"{self.point}: " + "; ".join(v.message() for v in self.verdicts if v.verdict == self.status)
+            if self.confirmations:
                 n = len(self.confirmations)
                 text += f" (confirmed by {n} re-measurement{'s' if n != 1 else ''})"
             return text

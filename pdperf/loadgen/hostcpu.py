@@ -46,11 +46,22 @@ def serving_title(cmdline: bytes) -> str | None:
     return None
 
 
+def _replica_parts(title: str) -> list[str]:
+    """``ray::ServeReplica:<app>:<deployment>[:<model>]`` -> [app, deployment, ...]; [] for other titles."""
+    return title.removeprefix("ray::ServeReplica:").split(":") if title.startswith("ray::ServeReplica:") else []
+
+
+def _stat_fields(stat: str) -> list[str]:
+    """``/proc/<pid>/stat`` after ``pid (comm) ``: state is [0], ppid [1], utime [11], stime [12]
+    (the comm, a process title, may hold spaces and parentheses)."""
+    return stat[stat.rindex(")") + 2:].split()
+
+
 def role_of(title: str) -> str:
     """What a process does, without application names: ``ray::ServeReplica:app:LLMServer:app`` ->
     ``LLMServer``, ``VLLM::Worker_TP1`` -> ``VLLM::Worker``, ``VLLM::EngineCore`` as is."""
-    if title.startswith("ray::ServeReplica:"):
-        parts = title.removeprefix("ray::ServeReplica:").split(":")  # app, deployment[, model]
+    parts = _replica_parts(title)
+    if parts:
         return parts[1] if len(parts) > 1 and parts[1] else title
     if title.startswith("VLLM::Worker"):
         return "VLLM::Worker"
@@ -89,8 +100,7 @@ class HostCpuSampler:
             pid = int(e.name)
             try:
                 title = serving_title((e / "cmdline").read_bytes())
-                stat = (e / "stat").read_text()
-                parents[pid] = int(stat[stat.rindex(")") + 2:].split()[1])
+                parents[pid] = int(_stat_fields((e / "stat").read_text())[1])
             except (OSError, ValueError, IndexError):  # gone, or not ours to read
                 continue
             if title:
@@ -101,9 +111,9 @@ class HostCpuSampler:
     def _app_of(self, pid: int, parents: dict[int, int]) -> str:
         seen = 0
         while pid and seen < 16:
-            title = self.titles.get(pid, "")
-            if title.startswith("ray::ServeReplica:"):
-                return title.removeprefix("ray::ServeReplica:").split(":")[0]
+            parts = _replica_parts(self.titles.get(pid, ""))
+            if parts:
+                return parts[0]
             pid, seen = parents.get(pid, 0), seen + 1
         return ""
 
@@ -113,8 +123,8 @@ class HostCpuSampler:
             stat = (base / "stat").read_text()
         except OSError:
             return None  # the process ended
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state is fields[0]
-        cpu_s = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (stat fields 14, 15)
+        fields = _stat_fields(stat)
+        cpu_s = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
         wait_ns = 0
         try:
             for task in (base / "task").iterdir():

@@ -351,9 +351,7 @@ def _topology_tables(run: RunData, summaries: dict[str, dict]) -> str:
     out = ['<h2>Results per topology</h2><p class="note">Latencies in ms from the scheduled send time; '
            'throughput over the point\'s duration; goodput counts requests that met every SLO. '
            f'<i>Italic</i> p99: fewer than {LOW_P99_SAMPLES} requests.</p>']
-    by_topo: dict[str, list[PointResult]] = defaultdict(list)
-    for p in run.points:
-        by_topo[p.topology].append(p)
+    by_topo = _by_topology(run.points)
     if not by_topo:
         return out[0] + no_data("Results", "no points")
     for topo, pts in by_topo.items():
@@ -457,6 +455,13 @@ def _co_resident_text(pts: list[PointResult]) -> str:
     return escape(f", measured beside {' / '.join(b.replace(',', ', ') for b in beside)}{alone}")
 
 
+def _by_topology(pts: Iterable[PointResult]) -> dict[str, list[PointResult]]:
+    out: dict[str, list[PointResult]] = defaultdict(list)
+    for p in pts:
+        out[p.topology].append(p)
+    return out
+
+
 def _groups(points: Iterable[PointResult]) -> dict[tuple[str, str], list[PointResult]]:
     groups: dict[tuple[str, str], list[PointResult]] = defaultdict(list)
     for p in points:
@@ -467,9 +472,7 @@ def _groups(points: Iterable[PointResult]) -> dict[tuple[str, str], list[PointRe
 def _latency_chart(pts: list[PointResult], summaries: dict[str, dict], colors: dict[str, str], metric: str,
                    label: str, workload: str, sweep_kind: str) -> str:
     series = []
-    by_topo: dict[str, list[PointResult]] = defaultdict(list)
-    for p in pts:
-        by_topo[p.topology].append(p)
+    by_topo = _by_topology(pts)
     for topo, tp in sorted(by_topo.items()):
         tp = sorted(tp, key=lambda p: p.point_value)
         xs = [p.point_value for p in tp]
@@ -480,13 +483,6 @@ def _latency_chart(pts: list[PointResult], summaries: dict[str, dict], colors: d
     legend += [LegendItem("median (p50)", "#555"), LegendItem("p99", "#555", dashed=True)]
     return line_chart(series, title=f"{label}: median and p99 vs load — {workload}", x_label=_x_label(sweep_kind),
                       y_label=f"{label} (ms)", legend=legend, x_ticks_at_data=True)
-
-
-def _by_topology(pts: Iterable[PointResult]) -> dict[str, list[PointResult]]:
-    out: dict[str, list[PointResult]] = defaultdict(list)
-    for p in pts:
-        out[p.topology].append(p)
-    return out
 
 
 def _pace_chart(pts: list[PointResult], workload: str) -> str:
@@ -528,9 +524,7 @@ def _pareto_chart(pts: list[PointResult], summaries: dict[str, dict], colors: di
     key = "output_tok_per_s_per_gpu" if per_gpu else "output_tok_per_s"
     y_label = "output tokens/s per GPU" if per_gpu else "output tokens/s (total: CPU points have no GPUs)"
     title = f"Throughput{' per GPU' if per_gpu else ''} vs median TPOT — {workload}"
-    by_topo: dict[str, list[PointResult]] = defaultdict(list)
-    for p in pts:
-        by_topo[p.topology].append(p)
+    by_topo = _by_topology(pts)
     series, xy = [], []
     for topo, tp in sorted(by_topo.items()):
         tp = sorted(tp, key=lambda p: p.point_value)
