@@ -6,6 +6,8 @@
 - ``pdperf plan TOPOLOGY``    show where a topology's engines would go on this cluster
 - ``pdperf diagnose``         why a deployment is not ready (Serve, placement groups, replica logs)
 - ``pdperf report RUN_DIR``   rebuild a run's report; ``pdperf compare A B`` compares runs
+- ``pdperf baseline add-run RUN_DIR|POINT...``  add measured runs to their points' baseline bands;
+  ``pdperf baseline show FILE``  each point's band of runs
 
 User mistakes end with one ``error:`` line and exit code 2, never a traceback.
 """
@@ -125,6 +127,47 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_baseline_add_run(args: argparse.Namespace) -> int:
+    from pdperf.baselines import BASELINE_ROOT, write_baseline
+    from pdperf.compare import load_input
+
+    points = [p for path in args.inputs for p in load_input(Path(path)).points.values()]
+    if not points:
+        raise PdperfError(f"{', '.join(args.inputs)}: no point results; pass run folders (reports/<run-id>) or "
+                          "point JSON files")
+    root = Path(args.baselines_dir) if args.baselines_dir else BASELINE_ROOT
+    # every point is checked before anything is written (a flagged point is refused, naming its flag)
+    paths = write_baseline(root, points, add_run=True, allow_flagged=args.allow_flagged)
+    print(_bands_text(paths, {p.point_id for p in points}))
+    return 0
+
+
+def cmd_baseline_show(args: argparse.Namespace) -> int:
+    print(_bands_text([Path(f) for f in args.files]))
+    return 0
+
+
+def _bands_text(files: list[Path], point_ids: set[str] | None = None) -> str:
+    """Per baseline file and point: each run's p50 TTFT and TPOT and the band's spread (worst / best)."""
+    from pdperf.baselines import band_runs, load_baseline_file
+
+    lines = []
+    for f in files:
+        b = load_baseline_file(f)
+        lines.append(f"{f}  ({b.hardware_id})")
+        for pid, entry in b.points.items():
+            if point_ids and pid not in point_ids:
+                continue
+            runs = band_runs(entry)
+            cells = []
+            for metric in ("ttft_ms", "tpot_ms"):
+                vals = [v for r in runs if (v := ((r.get("statistics") or {}).get(metric) or {}).get("p50")) is not None]
+                spread = f" (x{max(vals) / min(vals):.2f})" if len(vals) > 1 and min(vals) > 0 else ""
+                cells.append(f"p50 {metric} {' '.join(f'{v:.3g}' for v in vals)}{spread}")
+            lines.append(f"  {pid:<8} {len(runs)} run{'s' if len(runs) != 1 else ''}: {'; '.join(cells)}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pdperf", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -156,6 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("report", help="rebuild a run folder's report")
     r.add_argument("run_dir")
     r.set_defaults(fn=cmd_report)
+    b = sub.add_parser("baseline", help="baseline bands: add measured runs, show the spread between runs")
+    bsub = b.add_subparsers(dest="action", required=True)
+    ba = bsub.add_parser("add-run", help="add run folders' (or point files') points to their baselines' bands "
+                                         "(a point without a baseline gets one)")
+    ba.add_argument("inputs", nargs="+", metavar="RUN_DIR|POINT_JSON")
+    ba.add_argument("--baselines-dir", default=None, help="baseline store (default baselines/)")
+    ba.add_argument("--allow-flagged", action="store_true",
+                    help="add points even when flagged (client lag, restarts): they would widen the band")
+    ba.set_defaults(fn=cmd_baseline_add_run)
+    bs = bsub.add_parser("show", help="each point's runs and their spread")
+    bs.add_argument("files", nargs="+", metavar="BASELINE_JSON")
+    bs.set_defaults(fn=cmd_baseline_show)
     c = sub.add_parser("compare", help="compare runs or a run against its baselines (see python -m pdperf.compare -h)",
                        add_help=False)
     c.add_argument("rest", nargs=argparse.REMAINDER)

@@ -113,6 +113,8 @@ def format_table(results: Sequence[GateResult]) -> str:
             if ci and v.request_ratio is not None:  # the interval is the median request's ratio's
                 ci += f" (median request x{v.request_ratio:.2f})"
             limit = f"+{v.threshold * 100:.0f}%" if v.threshold else ""
+            if limit and v.band_runs:  # measured from the band's worst run
+                limit += f" of worst of {v.band_runs} runs ({format_value(v.band_low)}-{format_value(v.band_high)})"
             rows.append((r.point, f"{v.statistic} {v.metric}", format_value(v.baseline_value),
                          format_value(v.current_value), f"x{v.ratio:.2f}" if v.ratio is not None else "", ci,
                          format_p_value(v.p_value) if v.p_value is not None else "", limit, v.verdict))
