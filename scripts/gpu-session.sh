@@ -15,6 +15,8 @@
 #                              committed baselines (c1's 16 sequential requests take ~2 min)
 #   scripts/gpu-session.sh 8   the same for colloc-2xtp1: 7 + 8 compare PD and collocated within one
 #                              session (pdperf compare of their run folders)
+#   scripts/gpu-session.sh 9   the same for colloc-1xtp2 (TP2's gated rerun)
+#   (7-9: FIRST_POINT=none keeps c1; the gate judges a point against its baseline's band of runs)
 # A gated step also records the points the recording step did not reach (--record-missing-baselines).
 # Measured on 4x H100, eager: a Ray start-up 150-320 s (a replica restart costs ~150 s), smoke ~60 s,
 # the sweep 260-300 s (c1 alone 106-133 s: 20 sequential requests of 256 tokens).
@@ -147,8 +149,8 @@ case $step in
   suite vllm-gate 520 -m sweep --backend vllm --topology "$T_COLLOC" --workload "$WORKLOAD" "${MODEL[@]}" \
     "${ENGINE[@]}" --deploy-timeout 200
   ;;
-7|8)
-  [ "$step" = 7 ] && target=$T_PD || target=$T_COLLOC
+7|8|9)
+  case $step in 7) target=$T_PD ;; 8) target=$T_COLLOC ;; 9) target=$T_TP2 ;; esac
   scripts/gpu-testmachine.sh --stop
   # c1 (16 sequential requests, ~2 min) left out: a start-up of 3-5 min and c4-c64 fill the call
   first="tests/sweeps/test_sweeps.py::test_point[$target/$WORKLOAD/${FIRST_POINT:-c1}]"
@@ -156,5 +158,5 @@ case $step in
   suite "ray-alone-$target" 520 -m sweep --topology "$target" "${common[@]}" --deploy-timeout 360 \
     --record-missing-baselines --deselect "$first"
   ;;
-*) echo "step must be 1 to 8" >&2; exit 2 ;;
+*) echo "step must be 1 to 9" >&2; exit 2 ;;
 esac
