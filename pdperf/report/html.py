@@ -416,11 +416,15 @@ def _gpu_clock_text(pts: list[PointResult]) -> str:
 def _host_cpu_text(pts: list[PointResult], roles_shown: int = 4) -> str:
     """One line per topology: per point, the client host's serving processes by role, cores busy /
     cores waiting for a CPU (mean over the point; the most waiting in one interval), from
-    ``telemetry["host_cpu"]``; nothing where no point carries them."""
+    ``telemetry["host_cpu"]``; then the hypervisor's steal where above 0.01 cores, and the share of
+    intervals in which a vLLM engine's (or TP worker's) logical CPU had an SMT sibling at least half
+    busy, the largest over its roles, where known; nothing where no point carries any of these."""
     parts = []
     for p in pts:
-        roles = (((p.telemetry or {}).get("host_cpu") or {}).get("roles")) or {}
-        if not roles:
+        host = (p.telemetry or {}).get("host_cpu") or {}
+        roles = host.get("roles") or {}
+        steal = float(host.get("steal_cores") or 0)
+        if not roles and steal <= 0.01:
             continue
         own, beside = [], [0.0, 0.0]
         for role, r in roles.items():
@@ -431,17 +435,24 @@ def _host_cpu_text(pts: list[PointResult], roles_shown: int = 4) -> str:
             else:
                 own.append((name, r))
         top = sorted(own, key=lambda kv: -float(kv[1].get("cpu_cores") or 0))[:roles_shown]
-        text = f"{p.point_id}: " + ", ".join(
-            f"{name}×{r.get('processes', 0)} {float(r.get('cpu_cores') or 0):.2f} / "
-            f"{float(r.get('wait_cores') or 0):.2f} (max {float(r.get('wait_cores_max') or 0):.2f})"
-            for name, r in top)
+        items = [f"{name}×{r.get('processes', 0)} {float(r.get('cpu_cores') or 0):.2f} / "
+                 f"{float(r.get('wait_cores') or 0):.2f} (max {float(r.get('wait_cores_max') or 0):.2f})"
+                 for name, r in top]
         if beside != [0.0, 0.0]:
-            text += f", other applications {beside[0]:.2f} / {beside[1]:.2f}"
-        parts.append(text)
+            items.append(f"other applications {beside[0]:.2f} / {beside[1]:.2f}")
+        if steal > 0.01:
+            items.append(f"steal {steal:.2f} cores (max {float(host.get('steal_cores_max') or 0):.2f})")
+        smt = [float(r["sibling_busy_frac"]) for name, r in own
+               if name.startswith(("VLLM::EngineCore", "VLLM::Worker")) and r.get("sibling_busy_frac") is not None]
+        if smt:
+            items.append(f"engine CPU's SMT sibling busy in {max(smt):.0%} of intervals")
+        parts.append(f"{p.point_id}: " + ", ".join(items))
     if not parts:
         return ""
     return ('<p class="note">Serving processes on the client host, cores busy / cores waiting for a CPU '
-            '(mean over the point; the most waiting in one second): ' + escape("; ".join(parts)) + "</p>")
+            '(mean over the point; the most waiting in one second); the hypervisor\'s steal (all CPUs, cores); '
+            'the share of intervals an engine\'s CPU had an SMT sibling at least half busy: '
+            + escape("; ".join(parts)) + "</p>")
 
 
 def _co_resident_text(pts: list[PointResult]) -> str:
@@ -669,6 +680,11 @@ def _baseline_section(run: RunData) -> str:
             if ratio is None or not t:
                 continue
             hi, lo = 1 + t, 1 / (1 + t)
+            base, b_lo, b_hi = v.get("baseline_value"), v.get("band_low"), v.get("band_high")
+            if v.get("band_runs") and base and b_lo and b_hi:  # limits from the band's worst / best run
+                lower_better = v.get("direction", "lower-is-better") == "lower-is-better"
+                worst, best = (b_hi, b_lo) if lower_better else (b_lo, b_hi)
+                hi, lo = (worst / base * hi, best / base * lo) if lower_better else (best / base * hi, worst / base * lo)
             bad, good = (hi, lo) if v.get("direction", "lower-is-better") == "lower-is-better" else (lo, hi)
             rows.append(RatioRow(f"{g.get('point')} {v.get('statistic')} {v.get('metric')}", ratio,
                                  ci[0] if ci else None, ci[1] if ci else None, bad, good, str(v.get("verdict")),
