@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gate_confirmation import run  # noqa: E402  (one point's per-request TPOT, slow stretches included)
 from pdperf.baselines import Gate, judge_metric  # noqa: E402
 
 GATE = Gate(metric="tpot_ms", statistic="p50", max_change=0.15, direction="lower-is-better")
@@ -33,16 +34,6 @@ GATE = Gate(metric="tpot_ms", statistic="p50", max_change=0.15, direction="lower
 
 def deployment(rng: np.random.Generator, prob: float, spread: float) -> float:
     return float(rng.uniform(1.0, spread)) if rng.random() < prob else 1.0
-
-
-def run(rng: np.random.Generator, requests: int, pace: float, slow_run_prob: float) -> np.ndarray:
-    """One point's per-request TPOT (ms) on a deployment of pace factor ``pace``."""
-    tpot = 19.0 * pace * np.exp(rng.normal(0, 0.1, requests))
-    if rng.random() < slow_run_prob:
-        n = int(round(requests * rng.uniform(0.25, 0.6)))
-        start = rng.integers(0, requests - n + 1)
-        tpot[start:start + n] *= 1.65
-    return tpot
 
 
 def regressed(cur: np.ndarray, base: np.ndarray, band: list[float] | None, resamples: int) -> bool:
@@ -75,11 +66,11 @@ def main() -> int:
         counts = {k: 0 for k in bands}
         rng = np.random.default_rng(args.seed)
         for _ in range(args.trials):
-            base_runs = [run(rng, args.requests, deployment(rng, args.slow_deploy_prob, args.deploy_spread),
-                             args.slow_run_prob) for _ in range(max(bands))]
+            base_runs = [run(rng, args.requests, args.slow_run_prob,
+                             deployment(rng, args.slow_deploy_prob, args.deploy_spread)) for _ in range(max(bands))]
             pace = deployment(rng, args.slow_deploy_prob, args.deploy_spread) * slow
-            first = run(rng, args.requests, pace, args.slow_run_prob)
-            again = run(rng, args.requests, pace, args.slow_run_prob)  # same deployment
+            first = run(rng, args.requests, args.slow_run_prob, pace)
+            again = run(rng, args.requests, args.slow_run_prob, pace)  # same deployment
             for k in bands:
                 band = [float(np.median(r)) for r in base_runs[:k]] if k > 1 else None
                 counts[k] += regressed(first, base_runs[0], band, args.resamples) and \
