@@ -66,7 +66,9 @@ def test_gate_measures_a_regression_again(endpoint, smoke_workload, measure, thr
     """The sweep gate's confirmation on the real stack: against a baseline made 3x faster than this
     machine, the point regresses, is measured again on the same deployment, regresses again, and
     the re-measurement is saved beside the points, not among them. (A regression that does not
-    repeat, status 'unconfirmed', cannot be produced on demand here: tests/selftest/test_checks.py.)"""
+    repeat, status 'unconfirmed', cannot be produced on demand here: tests/selftest/test_checks.py.)
+    Then the re-measurement joins the baseline as its band's second run, and the gate's limits
+    apply from that run."""
     workload = smoke_workload.model_copy(update={"name": f"{smoke_workload.name}-gate-check"})
     first = measure(endpoint, workload, workload.sweep.points[0])
     [path] = write_baseline(tmp_path, [first])
@@ -91,3 +93,17 @@ def test_gate_measures_a_regression_again(endpoint, smoke_workload, measure, thr
     saved = load_point(confirm_path(run_dir, first.id, 1))
     assert saved.started_at == again[0].started_at != first.started_at
     assert load_point(point_path(run_dir, first.id)).started_at == first.started_at
+
+    # The band (docs/METHODOLOGY.md, rule 5), on the same real points: the 3x-faster run plus the
+    # re-measurement as a second run; the limit then applies from the band's worst run.
+    entry["runs"] = [{**r, "statistics": {m: {s: x / 3 for s, x in by.items()} for m, by in r["statistics"].items()}}
+                     for r in entry["runs"]]
+    path.write_text(json.dumps(doc))
+    write_baseline(tmp_path, again, add_run=True)
+    banded = checks.judge(first, test_id="gate-check", baselines_root=tmp_path, thresholds=thresholds).gate
+    judged = [v for v in banded.verdicts if v.verdict != "insufficient"]
+    assert judged and all(v.band_runs == 2 for v in judged), banded.message()
+    for v in judged:  # the size that decided is against the re-measurement (the worst run), not the first
+        worst = v.band_high
+        assert (v.verdict == "regressed") == (v.current_value / worst > 1 + v.threshold), v.message()
+        assert "of the worst run" in v.message()
