@@ -93,12 +93,14 @@ def _resources() -> dict[str, Any]:
 def _engine_processes() -> list[str]:
     import psutil
 
+    from pdperf.loadgen.hostcpu import SERVING_PREFIXES
+
     rows = []
     for p in psutil.process_iter(["pid", "name", "cmdline", "cpu_times", "create_time"]):
         cmd = p.info.get("cmdline") or []
         name = p.info.get("name") or ""
-        label = cmd[0] if cmd and cmd[0].startswith(("VLLM::", "ray::ServeReplica")) else name
-        if label.startswith(("VLLM::", "ray::ServeReplica")):
+        label = cmd[0] if cmd and cmd[0].startswith(SERVING_PREFIXES) else name
+        if label.startswith(SERVING_PREFIXES):
             t = p.info.get("cpu_times")
             rows.append(f"pid {p.info['pid']} {label[:90]} cpu {t.user + t.system if t else 0:.0f} s")
     return rows

@@ -55,7 +55,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-_PREFIXES = ("VLLM::", "ray::ServeReplica")
+#: Process titles of serving processes: vLLM's own, Ray Serve replicas, and vLLM's GPU workers
+#: under Ray's executor (TP > 1 in Ray Serve LLM: actors titled ``ray::RayWorkerWrapper`` or
+#: ``ray::RayWorkerWrapper.<method>`` while running one; their parent is the raylet, so no
+#: Serve application is known for them). Also listed by pdperf.diagnose.
+SERVING_PREFIXES = ("VLLM::", "ray::ServeReplica", "ray::RayWorker")
 _VLLM_CLI = ("vllm", "vllm.entrypoints.cli.main")  # `vllm serve …`, `python -m vllm.entrypoints.cli.main serve …`
 
 
@@ -65,7 +69,7 @@ def serving_title(cmdline: bytes) -> str | None:
     if not args:
         return None
     first = args[0].strip()
-    if first.startswith(_PREFIXES):
+    if first.startswith(SERVING_PREFIXES):
         return first.split(" ")[0][:120]
     for a, b in zip(args, args[1:]):
         if os.path.basename(a) in _VLLM_CLI and b == "serve":
@@ -160,12 +164,15 @@ def read_proc_stat(proc_root: str | Path = "/proc") -> tuple[int | None, dict[in
 
 def role_of(title: str) -> str:
     """What a process does, without application names: ``ray::ServeReplica:app:LLMServer:app`` ->
-    ``LLMServer``, ``VLLM::Worker_TP1`` -> ``VLLM::Worker``, ``VLLM::EngineCore`` as is."""
+    ``LLMServer``, ``VLLM::Worker_TP1`` -> ``VLLM::Worker``, ``ray::RayWorkerWrapper.execute_method``
+    -> ``RayWorker``, ``VLLM::EngineCore`` as is."""
     parts = _replica_parts(title)
     if parts:
         return parts[1] if len(parts) > 1 and parts[1] else title
     if title.startswith("VLLM::Worker"):
         return "VLLM::Worker"
+    if title.startswith("ray::RayWorker"):  # vLLM's TP worker under Ray, busy or idle
+        return "RayWorker"
     return title
 
 

@@ -443,7 +443,8 @@ def _host_cpu_text(pts: list[PointResult], roles_shown: int = 4) -> str:
         if steal > 0.01:
             items.append(f"steal {steal:.2f} cores (max {float(host.get('steal_cores_max') or 0):.2f})")
         smt = [float(r["sibling_busy_frac"]) for name, r in own
-               if name.startswith(("VLLM::EngineCore", "VLLM::Worker")) and r.get("sibling_busy_frac") is not None]
+               if name.startswith(("VLLM::EngineCore", "VLLM::Worker", "RayWorker"))
+               and r.get("sibling_busy_frac") is not None]
         if smt:
             items.append(f"engine CPU's SMT sibling busy in {max(smt):.0%} of intervals")
         parts.append(f"{p.point_id}: " + ", ".join(items))

@@ -125,6 +125,8 @@ class Clock:
     (["/usr/bin/python3", "-m", "vllm.entrypoints.cli.main", "serve", "/m"], "vllm serve"),
     (["/usr/bin/python3", "-m", "pdperf.backends.pd_proxy", "--port", "9"], "pd_proxy"),
     (["/usr/bin/python3", "-m", "pytest", "-m", "sweep"], None),
+    (["ray::RayWorkerWrapper.execute_method"], "ray::RayWorkerWrapper.execute_method"),  # TP worker under Ray
+    (["ray::RayWorkerWrapper"], "ray::RayWorkerWrapper"),
     (["ray::IDLE"], None),
     ([], None),
 ])
@@ -138,6 +140,7 @@ def test_roles_drop_application_names():
     assert role_of("ray::ServeReplica:colloc-2xtp1:LLMServer:colloc-2xtp1") == "LLMServer"
     assert role_of("VLLM::Worker_TP0") == "VLLM::Worker"
     assert role_of("VLLM::EngineCore") == "VLLM::EngineCore"
+    assert role_of("ray::RayWorkerWrapper.execute_method") == role_of("ray::RayWorkerWrapper") == "RayWorker"
 
 
 def test_busy_and_waiting_cores_per_role(tmp_path):
