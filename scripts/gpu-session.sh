@@ -19,6 +19,9 @@
 #   scripts/gpu-session.sh 10  Ray colloc-2xtp2 (4 GPUs) alone: smoke + sweep, recording baselines
 #   scripts/gpu-session.sh 11  Ray PD 1P-TP2:1D-TP2 (pd-1p2-1d2-pack, 4 GPUs) the same: 10 + 11 are the
 #                              issue's 4-GPU comparison at equal GPU count
+#   TARGET=T POINTS='c16 or c64' scripts/gpu-session.sh 12   the sweep of T's kept application (an
+#                              earlier step left it up), only those points, gated: a PD start-up of
+#                              ~310 s leaves only c4 in one call
 #   (7-9: FIRST_POINT=none keeps c1; the gate judges a point against its baseline's band of runs)
 # A gated step also records the points the recording step did not reach (--record-missing-baselines).
 # Measured on 4x H100, eager: a Ray start-up 150-320 s (a replica restart costs ~150 s), smoke ~60 s,
@@ -33,7 +36,7 @@
 #   PDPERF_PYTHON=.venv/bin/python OUT=/tmp/o STATE=/tmp/s scripts/gpu-session.sh 1
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step=${1:?usage: scripts/gpu-session.sh 1..11}
+step=${1:?usage: scripts/gpu-session.sh 1..12}
 T_COLLOC=${T_COLLOC:-colloc-2xtp1} T_PD=${T_PD:-pd-1p1-1d1-pack} T_TP2=${T_TP2:-colloc-1xtp2}
 T_COLLOC4=${T_COLLOC4:-colloc-2xtp2} T_PD4=${T_PD4:-pd-1p2-1d2-pack}  # the 4-GPU pair: 2xTP2 vs 1P-TP2:1D-TP2
 WORKLOAD=${WORKLOAD:-gpu-small-isl1024-osl256}
@@ -162,10 +165,17 @@ case $step in
   suite "ray-alone-$target" 520 -m sweep --topology "$target" "${common[@]}" --deploy-timeout 360 \
     --record-missing-baselines --deselect "$first"
   ;;
+12)
+  # the kept application of an earlier step (adopted, no start-up), only the points named in POINTS
+  target=${TARGET:?step 12 needs TARGET=<topology> (and POINTS, a -k expression such as 'c16 or c64')}
+  log "running: [$(running_apps)]; gating $target: ${POINTS:-all points}"
+  suite "ray-adopted-$target" 520 -m sweep --topology "$target" "${common[@]}" --deploy-timeout 360 \
+    --record-missing-baselines -k "${POINTS:-c}"
+  ;;
 10|11)
   [ "$step" = 10 ] && target=$T_COLLOC4 || target=$T_PD4
   scripts/gpu-testmachine.sh --stop
   record "ray-record-$target" "$target"
   ;;
-*) echo "step must be 1 to 11" >&2; exit 2 ;;
+*) echo "step must be 1 to 12" >&2; exit 2 ;;
 esac
