@@ -62,6 +62,10 @@ SAMPLED_METRICS = metrics.LATENCY_METRICS
 RUN_STATISTICS = ("mean", "p50", "p90", "p95", "p99")
 #: Runs a band keeps: the first (whose samples are stored) and the latest others.
 MAX_BAND_RUNS = 8
+#: Environment keys that make a run another configuration, not another run of the same one: a
+#: band refuses a run that differs from its baseline in one of them (absent = none, except
+#: ``model``, recorded only since bands exist: absent there = unknown).
+BAND_CONFIG_KEYS = ("engine_overrides", "co_resident", "topology_kind", "model")
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9._\-]*$")
 _LOCK_TIMEOUT_S = 60.0
 
@@ -366,6 +370,18 @@ def band_runs(entry: dict[str, Any]) -> list[dict[str, Any]]:
              "statistics": _run_statistics(entry.get("samples") or {})}]
 
 
+def band_mismatch(entry: dict[str, Any], result: PointResult) -> str | None:
+    """Why ``result`` is another configuration than the baseline entry's (BAND_CONFIG_KEYS), or None."""
+    old_env, new_env = entry.get("environment") or {}, result.environment or {}
+    for key in BAND_CONFIG_KEYS:
+        a, b = old_env.get(key) or "", new_env.get(key) or ""
+        if key == "model" and not (a and b):
+            continue
+        if a != b:
+            return f"{key} '{b or '(none)'}' differs from the baseline's '{a or '(none)'}'"
+    return None
+
+
 def band_values(entry: dict[str, Any], metric: str, statistic: str) -> list[float] | None:
     """The statistic of each of the entry's runs, when it has two or more runs that all hold it."""
     runs = band_runs(entry)
@@ -481,7 +497,15 @@ def write_baseline(root: Path, point_results: Iterable[PointResult], *, allow_fl
                                 f"hide regressions, so none was written. {flag_advice(r.flags)}")
         if not any(rec.ok and not rec.warmup for rec in r.records):
             raise BaselineError(f"point {r.id}: no successful measured request; nothing to keep as a baseline")
-        groups.setdefault(baseline_path(root, hw, r.topology, r.workload, r.environment.get("backend")), []).append(r)
+        path = baseline_path(root, hw, r.topology, r.workload, r.environment.get("backend"))
+        if add_run and path.exists():
+            prior = load_baseline_file(path).entry(r.point_id)
+            why = band_mismatch(prior, r) if prior else None
+            if why:
+                raise BaselineError(f"point {r.id}: {why}; a band holds runs of one configuration, so this run "
+                                    "was not added: gate it against the baseline instead, or keep that "
+                                    "configuration's baselines apart (--baselines-dir)")
+        groups.setdefault(path, []).append(r)
 
     written = []
     for path, results in groups.items():

@@ -165,3 +165,29 @@ def test_cli_bad_input_is_one_line_exit_2(args, expected, capsys):
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
+
+
+def test_a_run_of_another_configuration_is_refused_naming_the_key(tmp_path):
+    first = point(seed=0, tpot_ms=10, started="2026-11-27T10:00:00+00:00")
+    [path] = write_baseline(tmp_path, [first])
+    before = path.read_text()
+    compiled = point(seed=1, tpot_ms=6, started="2026-11-27T11:00:00+00:00")
+    compiled.environment["engine_overrides"] = '{"enforce_eager": false}'
+    with pytest.raises(BaselineError, match=r"engine_overrides '\{\"enforce_eager\": false\}' differs from the "
+                                            r"baseline's '\(none\)'; a band holds runs of one configuration"):
+        write_baseline(tmp_path, [compiled], add_run=True)
+    beside = point(seed=2, tpot_ms=14, started="2026-11-27T12:00:00+00:00")
+    beside.environment["co_resident"] = "pd-1p1-1d1"
+    with pytest.raises(BaselineError, match="co_resident 'pd-1p1-1d1' differs"):
+        write_baseline(tmp_path, [beside], add_run=True)
+    assert path.read_text() == before
+    # a model recorded now, against a baseline from before the key: unknown there, so accepted
+    named = point(seed=3, tpot_ms=11, started="2026-11-27T13:00:00+00:00")
+    named.environment["model"] = "llama-3.1-8b"
+    write_baseline(tmp_path, [named], add_run=True)
+    other_model = point(seed=4, tpot_ms=11, started="2026-11-27T14:00:00+00:00")
+    other_model.environment["model"] = "llama-3.1-70b"
+    write_baseline(tmp_path, [other_model], add_run=True)  # the entry (first run) still has no model
+    assert len(band_runs(load_baseline(tmp_path, CPU, "colloc", "w").points["c4"])) == 3
+    # --update-baselines (no band) replaces whatever configuration was there
+    write_baseline(tmp_path, [compiled])
