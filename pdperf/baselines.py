@@ -391,6 +391,31 @@ def band_values(entry: dict[str, Any], metric: str, statistic: str) -> list[floa
     return [float(v) for v in values]
 
 
+def remove_band_run(path: Path, point_id: str, number: int) -> dict[str, Any]:
+    """Drop run ``number`` (1-based, as ``pdperf baseline show --runs`` lists them) from a point's
+    band and return it. The first run holds the samples the gate tests against and stays; to
+    replace it, record the point again with --update-baselines."""
+    path = Path(path)
+    with _lock_for(path):
+        baseline = load_baseline_file(path)
+        entry = baseline.entry(point_id)
+        if entry is None:
+            raise BaselineError(f"{path}: no point '{point_id}'; it has {', '.join(sorted(baseline.points)) or 'none'}")
+        runs = band_runs(entry)
+        if number == 1:
+            raise BaselineError(f"{path} {point_id}: run 1 holds the samples the gate tests against and is not "
+                                "removed; record the point again with --update-baselines to replace it")
+        if not 2 <= number <= len(runs):
+            raise BaselineError(f"{path} {point_id}: no run {number}; its band has run"
+                                f"{'s 1-' + str(len(runs)) if len(runs) > 1 else ' 1 only'}")
+        removed = runs.pop(number - 1)
+        data = json.loads(path.read_text())
+        data["points"][point_id] = {**entry, "runs": runs}
+        data["updated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        atomic_write_json(path, data)
+    return removed
+
+
 @dataclass
 class Baseline:
     """One baseline file: the points of one topology under one workload on one hardware."""

@@ -7,7 +7,7 @@
 - ``pdperf diagnose``         why a deployment is not ready (Serve, placement groups, replica logs)
 - ``pdperf report RUN_DIR``   rebuild a run's report; ``pdperf compare A B`` compares runs
 - ``pdperf baseline add-run RUN_DIR|POINT...``  add measured runs to their points' baseline bands;
-  ``pdperf baseline show FILE``  each point's band of runs
+  ``pdperf baseline show FILE [--runs]``  each point's band of runs; ``baseline remove-run FILE POINT N``
 
 User mistakes end with one ``error:`` line and exit code 2, never a traceback.
 """
@@ -143,12 +143,29 @@ def cmd_baseline_add_run(args: argparse.Namespace) -> int:
 
 
 def cmd_baseline_show(args: argparse.Namespace) -> int:
-    print(_bands_text([Path(f) for f in args.files]))
+    print(_bands_text([Path(f) for f in args.files], runs=args.runs))
     return 0
 
 
-def _bands_text(files: list[Path], point_ids: set[str] | None = None) -> str:
-    """Per baseline file and point: each run's p50 TTFT and TPOT and the band's spread (worst / best)."""
+def cmd_baseline_remove_run(args: argparse.Namespace) -> int:
+    from pdperf.baselines import remove_band_run
+
+    run = remove_band_run(Path(args.file), args.point, args.number)
+    print(f"removed run {args.number} of {args.point} ({_run_text(run)})")
+    print(_bands_text([Path(args.file)], {args.point}, runs=True))
+    return 0
+
+
+def _run_text(run: dict) -> str:
+    stats = run.get("statistics") or {}
+    p50 = lambda m: (stats.get(m) or {}).get("p50")  # noqa: E731
+    vals = ", ".join(f"p50 {m} {v:.3g}" for m in ("ttft_ms", "tpot_ms") if (v := p50(m)) is not None)
+    return f"{run.get('started_at') or '?'}, git {str(run.get('git_sha') or '?')[:12]}: {vals}"
+
+
+def _bands_text(files: list[Path], point_ids: set[str] | None = None, *, runs: bool = False) -> str:
+    """Per baseline file and point: each run's p50 TTFT and TPOT and the band's spread (worst / best);
+    with ``runs``, a line per run (numbered as ``baseline remove-run`` takes them)."""
     from pdperf.baselines import band_runs, load_baseline_file
 
     lines = []
@@ -158,13 +175,15 @@ def _bands_text(files: list[Path], point_ids: set[str] | None = None) -> str:
         for pid, entry in b.points.items():
             if point_ids and pid not in point_ids:
                 continue
-            runs = band_runs(entry)
+            band = band_runs(entry)
             cells = []
             for metric in ("ttft_ms", "tpot_ms"):
-                vals = [v for r in runs if (v := ((r.get("statistics") or {}).get(metric) or {}).get("p50")) is not None]
+                vals = [v for r in band if (v := ((r.get("statistics") or {}).get(metric) or {}).get("p50")) is not None]
                 spread = f" (x{max(vals) / min(vals):.2f})" if len(vals) > 1 and min(vals) > 0 else ""
                 cells.append(f"p50 {metric} {' '.join(f'{v:.3g}' for v in vals)}{spread}")
-            lines.append(f"  {pid:<8} {len(runs)} run{'s' if len(runs) != 1 else ''}: {'; '.join(cells)}")
+            lines.append(f"  {pid:<8} {len(band)} run{'s' if len(band) != 1 else ''}: {'; '.join(cells)}")
+            if runs:
+                lines.extend(f"    #{i} {_run_text(r)}" for i, r in enumerate(band, 1))
     return "\n".join(lines)
 
 
@@ -210,7 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     ba.set_defaults(fn=cmd_baseline_add_run)
     bs = bsub.add_parser("show", help="each point's runs and their spread")
     bs.add_argument("files", nargs="+", metavar="BASELINE_JSON")
+    bs.add_argument("--runs", action="store_true", help="a line per run, numbered as remove-run takes them")
     bs.set_defaults(fn=cmd_baseline_show)
+    br = bsub.add_parser("remove-run", help="drop one run from a point's band (one added by mistake)")
+    br.add_argument("file", metavar="BASELINE_JSON")
+    br.add_argument("point", metavar="POINT_ID", help="e.g. c4")
+    br.add_argument("number", type=int, metavar="N", help="the run's number in `baseline show --runs` (2 or more)")
+    br.set_defaults(fn=cmd_baseline_remove_run)
     c = sub.add_parser("compare", help="compare runs or a run against its baselines (see python -m pdperf.compare -h)",
                        add_help=False)
     c.add_argument("rest", nargs=argparse.REMAINDER)

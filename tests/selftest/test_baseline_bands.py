@@ -191,3 +191,30 @@ def test_a_run_of_another_configuration_is_refused_naming_the_key(tmp_path):
     assert len(band_runs(load_baseline(tmp_path, CPU, "colloc", "w").points["c4"])) == 3
     # --update-baselines (no band) replaces whatever configuration was there
     write_baseline(tmp_path, [compiled])
+
+
+def test_cli_remove_run_drops_one_run_and_keeps_the_first(tmp_path, capsys):
+    entry, _ = band_store(tmp_path, 10.0, 13.0, 30.0)  # the third added by mistake
+    f = tmp_path / CPU / "colloc" / "w.json"
+    assert cli_main(["baseline", "show", "--runs", str(f)]) == 0
+    assert "#3 2026-11-27T12:00:00+00:00, git sha2" in capsys.readouterr().out
+    assert cli_main(["baseline", "remove-run", str(f), "c4", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("removed run 3 of c4 (2026-11-27T12:00:00+00:00, git sha2") and "2 runs" in out
+    entry = load_baseline(tmp_path, CPU, "colloc", "w").points["c4"]
+    assert [r["git_sha"] for r in band_runs(entry)] == ["sha0", "sha1"]
+
+
+@pytest.mark.parametrize("point_id, number, expected", [
+    ("c4", 1, "run 1 holds the samples the gate tests against"),
+    ("c4", 5, "no run 5; its band has runs 1-2"),
+    ("c9", 2, "no point 'c9'; it has c4"),
+])
+def test_cli_remove_run_bad_input_is_one_line_exit_2(tmp_path, capsys, point_id, number, expected):
+    band_store(tmp_path, 10.0, 13.0)
+    f = tmp_path / CPU / "colloc" / "w.json"
+    before = f.read_text()
+    assert cli_main(["baseline", "remove-run", str(f), point_id, str(number)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1 and "Traceback" not in err
+    assert f.read_text() == before
