@@ -382,10 +382,15 @@ def band_mismatch(entry: dict[str, Any], result: PointResult) -> str | None:
     return None
 
 
+def run_statistic(run: dict[str, Any], metric: str, statistic: str) -> float | None:
+    """One statistic of one run of a band (None where the run does not keep it)."""
+    return ((run.get("statistics") or {}).get(metric) or {}).get(statistic)
+
+
 def band_values(entry: dict[str, Any], metric: str, statistic: str) -> list[float] | None:
-    """The statistic of each of the entry's runs, when it has two or more runs that all hold it."""
-    runs = band_runs(entry)
-    values = [((r.get("statistics") or {}).get(metric) or {}).get(statistic) for r in runs]
+    """The statistic of each of the entry's runs, when it has two or more runs that all hold it
+    (an entry from before bands is one run: no band, and nothing to compute)."""
+    values = [run_statistic(r, metric, statistic) for r in entry.get("runs") or []]
     if len(values) < 2 or any(v is None for v in values):
         return None
     return [float(v) for v in values]
@@ -409,10 +414,12 @@ def remove_band_run(path: Path, point_id: str, number: int) -> dict[str, Any]:
             raise BaselineError(f"{path} {point_id}: no run {number}; its band has run"
                                 f"{'s 1-' + str(len(runs)) if len(runs) > 1 else ' 1 only'}")
         removed = runs.pop(number - 1)
-        data = json.loads(path.read_text())
-        data["points"][point_id] = {**entry, "runs": runs}
-        data["updated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        atomic_write_json(path, data)
+        atomic_write_json(path, {
+            "schema_version": BASELINE_SCHEMA_VERSION, "hardware_id": baseline.hardware_id,
+            "environment": baseline.environment,
+            "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "points": {**baseline.points, point_id: {**entry, "runs": runs}},
+        })
     return removed
 
 
@@ -512,6 +519,7 @@ def write_baseline(root: Path, point_results: Iterable[PointResult], *, allow_fl
     a baseline recorded during trouble would hide the next regression.
     """
     groups: dict[Path, list[PointResult]] = {}
+    existing_files: dict[Path, Baseline] = {}  # read once while checking, for add_run
     for r in point_results:
         hw = hardware_id_of(r.environment)
         if hw is None:
@@ -524,7 +532,9 @@ def write_baseline(root: Path, point_results: Iterable[PointResult], *, allow_fl
             raise BaselineError(f"point {r.id}: no successful measured request; nothing to keep as a baseline")
         path = baseline_path(root, hw, r.topology, r.workload, r.environment.get("backend"))
         if add_run and path.exists():
-            prior = load_baseline_file(path).entry(r.point_id)
+            if path not in existing_files:
+                existing_files[path] = load_baseline_file(path)
+            prior = existing_files[path].entry(r.point_id)
             why = band_mismatch(prior, r) if prior else None
             if why:
                 raise BaselineError(f"point {r.id}: {why}; a band holds runs of one configuration, so this run "
@@ -768,7 +778,8 @@ def judge_metric(gate: Gate, current: np.ndarray, baseline: np.ndarray, *, alpha
     hi, lo = 1 + gate.max_change, 1 / (1 + gate.max_change)
     lower_better = gate.direction == "lower-is-better"
     worst = best = base_value
-    if band and len(band) >= 2 and min(band) > 0:
+    banded = bool(band) and len(band) >= 2 and min(band) > 0
+    if banded:
         worst, best = (max(band), min(band)) if lower_better else (min(band), max(band))
         common.update(band_low=float(min(band)), band_high=float(max(band)), band_runs=len(band))
     bad_ratio, good_ratio = cur_value / worst, cur_value / best
@@ -776,8 +787,8 @@ def judge_metric(gate: Gate, current: np.ndarray, baseline: np.ndarray, *, alpha
     good_large = good_ratio < lo if lower_better else good_ratio > hi
     bad_sig = up_sig if lower_better else down_sig
     good_sig = down_sig if lower_better else up_sig
-    of_band = f" of the worst run (x{bad_ratio:.2f})" if "band_runs" in common else ""
-    of_best = f" of the best run (x{good_ratio:.2f})" if "band_runs" in common else ""
+    of_band = f" of the worst run (x{bad_ratio:.2f})" if banded else ""
+    of_best = f" of the best run (x{good_ratio:.2f})" if banded else ""
     bad_limit = _limit_text(gate.direction, gate.max_change, bad=True) + of_band
     good_limit = _limit_text(gate.direction, gate.max_change, bad=False) + of_best
     if bad_large and bad_sig:
@@ -886,7 +897,7 @@ def compare_point(current: PointResult, baseline_entry: dict[str, Any] | None, b
                             "they were kept): judged on pooled gaps, whose p-values are optimistic; "
                             "re-record it with --update-baselines")
     bands = {g.key: b for g in resolved.gates if (b := band_values(baseline_entry, g.metric, g.statistic))}
-    runs = len(band_runs(baseline_entry))
+    runs = len(baseline_entry.get("runs") or [])
     if runs > 1:
         unbanded = sorted(g.key for g in resolved.gates if g.key not in bands)
         result.notes.append(f"baseline band of {runs} runs: limits apply from its worst (best) run"

@@ -157,16 +157,17 @@ def cmd_baseline_remove_run(args: argparse.Namespace) -> int:
 
 
 def _run_text(run: dict) -> str:
-    stats = run.get("statistics") or {}
-    p50 = lambda m: (stats.get(m) or {}).get("p50")  # noqa: E731
-    vals = ", ".join(f"p50 {m} {v:.3g}" for m in ("ttft_ms", "tpot_ms") if (v := p50(m)) is not None)
+    from pdperf.baselines import run_statistic
+
+    vals = ", ".join(f"p50 {m} {v:.3g}" for m in ("ttft_ms", "tpot_ms")
+                     if (v := run_statistic(run, m, "p50")) is not None)
     return f"{run.get('started_at') or '?'}, git {str(run.get('git_sha') or '?')[:12]}: {vals}"
 
 
 def _bands_text(files: list[Path], point_ids: set[str] | None = None, *, runs: bool = False) -> str:
     """Per baseline file and point: each run's p50 TTFT and TPOT and the band's spread (worst / best);
     with ``runs``, a line per run (numbered as ``baseline remove-run`` takes them)."""
-    from pdperf.baselines import band_runs, load_baseline_file
+    from pdperf.baselines import band_runs, load_baseline_file, run_statistic
 
     lines = []
     for f in files:
@@ -178,7 +179,7 @@ def _bands_text(files: list[Path], point_ids: set[str] | None = None, *, runs: b
             band = band_runs(entry)
             cells = []
             for metric in ("ttft_ms", "tpot_ms"):
-                vals = [v for r in band if (v := ((r.get("statistics") or {}).get(metric) or {}).get("p50")) is not None]
+                vals = [v for r in band if (v := run_statistic(r, metric, "p50")) is not None]
                 spread = f" (x{max(vals) / min(vals):.2f})" if len(vals) > 1 and min(vals) > 0 else ""
                 cells.append(f"p50 {metric} {' '.join(f'{v:.3g}' for v in vals)}{spread}")
             lines.append(f"  {pid:<8} {len(band)} run{'s' if len(band) != 1 else ''}: {'; '.join(cells)}")
