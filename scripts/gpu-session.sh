@@ -16,7 +16,7 @@
 #   scripts/gpu-session.sh 8   the same for colloc-2xtp1: 7 + 8 compare PD and collocated within one
 #                              session (pdperf compare of their run folders)
 #   scripts/gpu-session.sh 9   the same for colloc-1xtp2 (TP2's gated rerun)
-#   scripts/gpu-session.sh 10  Ray colloc-2xtp2 (4 GPUs) alone: smoke + sweep, recording baselines
+#   scripts/gpu-session.sh 10  Ray colloc-2xtp2 (4 GPUs) alone: the sweep from c4, recording baselines
 #   scripts/gpu-session.sh 11  Ray PD 1P-TP2:1D-TP2 (pd-1p2-1d2-pack, 4 GPUs) the same: 10 + 11 are the
 #                              issue's 4-GPU comparison at equal GPU count
 #   TARGET=T POINTS='c16 or c64' scripts/gpu-session.sh 12   the sweep of T's kept application (an
@@ -115,15 +115,16 @@ trap finish EXIT
 # first seen on CPU with Ray 2.60: should Ray 2.58 reject them, the later steps deploy Ray's own.
 if [ -f "$STATE/no-wrap" ]; then export PDPERF_WRAP_RAY_SERVERS=0; log "Ray's own server classes (an earlier step: $(cat "$STATE/no-wrap"))"; fi
 common=(--workload "$WORKLOAD" "${MODEL[@]}" "${ENGINE[@]}" --keep-deployments)
-record() {  # $1 = log name, $2 = topology: smoke (no greedy check) + sweep, baselines written
-  suite "$1" 520 -m "smoke or sweep" -k "not greedy" --topology "$2" "${common[@]}" --update-baselines \
-    --deploy-timeout 360
+record() {  # $1 = log name, $2 = topology: smoke (no greedy check) + sweep, baselines written; more pytest args after
+  local name=$1 topo=$2; shift 2
+  suite "$name" 520 -m "${MARKS:-smoke or sweep}" -k "not greedy" --topology "$topo" "${common[@]}" --update-baselines \
+    --deploy-timeout "${DEPLOY_TIMEOUT_S:-360}" "$@"
   local rc=$?
-  if [ "$rc" -ne 0 ] && grep -qE 'DeployError|failed to deploy' "$OUT/$1.log" && grep -q 'ray_replica' "$OUT/$1.log"; then
-    echo "$1 failed to deploy with the wrapped server classes" >"$STATE/no-wrap"
+  if [ "$rc" -ne 0 ] && grep -qE 'DeployError|failed to deploy' "$OUT/$name.log" && grep -q 'ray_replica' "$OUT/$name.log"; then
+    echo "$name failed to deploy with the wrapped server classes" >"$STATE/no-wrap"
     log "the wrapped server classes failed to deploy: later steps use Ray's own (PDPERF_WRAP_RAY_SERVERS=0)"
   fi
-  log "running after $1: [$(running_apps | tee "$STATE/running")]"
+  log "running after $name: [$(running_apps | tee "$STATE/running")]"
 }
 case $step in
 1)
@@ -173,9 +174,13 @@ case $step in
     --record-missing-baselines -k "${POINTS:-c}"
   ;;
 10|11)
+  # the sweep only, from c4 (the smoke tier ran for TP1, TP2 and PD 1P1D; c1's 16 sequential requests
+  # take ~2 min): a PD TP2 start-up of 5+ min leaves c4-c64 in one call. MARKS='smoke or sweep' and
+  # FIRST_POINT=none bring them back.
   [ "$step" = 10 ] && target=$T_COLLOC4 || target=$T_PD4
   scripts/gpu-testmachine.sh --stop
-  record "ray-record-$target" "$target"
+  MARKS=${MARKS:-sweep} DEPLOY_TIMEOUT_S=420 record "ray-record-$target" "$target" \
+    --deselect "tests/sweeps/test_sweeps.py::test_point[$target/$WORKLOAD/${FIRST_POINT:-c1}]"
   ;;
 *) echo "step must be 1 to 12" >&2; exit 2 ;;
 esac
