@@ -25,8 +25,11 @@ class Endpoint:
     topology: Topology
     backend: str
     base_url: str
-    model_id: str
+    model_id: str  # the name requests carry (Ray and vLLM serve the topology's name; an external server its own)
     tokenizer_path: Path
+    # What the engines serve: a models.py key or a model folder (--model). Recorded with every point:
+    # a band never mixes two models, and a gate notes a different one. "" = unknown.
+    model: str = ""
     metrics_urls: list[str] = field(default_factory=list)
     startup_s: float = 0.0
     placement: PlacementPlan | None = None

@@ -202,6 +202,7 @@ class VllmProcessDeployment(Deployment):
         PROGRESS.info("topology %s: ready after %.0f s", t.name, time.monotonic() - t0)
         base = (front or all_engines[0]).url
         return Endpoint(topology=t, backend=self.backend, base_url=base, model_id=t.name, tokenizer_path=model_path,
+                        model=self.model,
                         metrics_urls=[p.url + "/metrics" for p in all_engines], startup_s=time.monotonic() - t0,
                         restart_counter=lambda: 0, log_tail=self.log_tail,
                         details={"engines": {p.name: p.url for p in all_engines}, "logs": str(self.log_dir)})
@@ -248,7 +249,7 @@ class ExternalDeployment(Deployment):
             raise DeployError(f"--external-url {self.url}: serves models {ids}, not '{model_id}'; pass --external-model")
         tokenizer = ensure_model(self.tokenizer or self.topology.model)
         return Endpoint(topology=self.topology, backend=self.backend, base_url=self.url, model_id=model_id,
-                        tokenizer_path=tokenizer, metrics_urls=self.metrics_urls, startup_s=0.0,
+                        tokenizer_path=tokenizer, model=model_id, metrics_urls=self.metrics_urls, startup_s=0.0,
                         details={"url": self.url})
 
     def stop(self, *, evict: bool = False) -> None:

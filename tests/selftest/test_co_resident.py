@@ -120,3 +120,14 @@ def test_report_says_what_a_topology_was_measured_beside(tmp_path):
     html = build_report(run_dir).read_text()
     assert "collocated, 2 GPUs, measured beside colloc-1x, pd-ray-1p1d (some points alone)</span>" in html
     assert html.count("measured beside") == 1  # the lone PD topology says nothing
+
+
+def test_point_environment_records_the_model_served_not_the_name_requests_carry():
+    # On 4x H100 (session 8) points recorded the Serve application's name ("colloc-2xtp1") as the
+    # model: two runs of one topology with different --model would have joined one band.
+    endpoint = Endpoint(topology=topology("colloc-2xtp1"), backend="ray", base_url="u", model_id="colloc-2xtp1",
+                        tokenizer_path=Path("/nonexistent"), model="llama-3.1-8b")
+    assert point_environment(FINGERPRINT, endpoint)["model"] == "llama-3.1-8b"
+    unknown = Endpoint(topology=topology("x"), backend="b", base_url="u", model_id="x", tokenizer_path=Path("/n"))
+    assert "model" not in point_environment(FINGERPRINT, unknown)  # unknown: no key, accepted by any band
+
