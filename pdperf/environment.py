@@ -24,6 +24,10 @@ ENV_PREFIXES = ("UCX_", "NIXL_", "FI_", "VLLM_NIXL", "NCCL_")
 
 
 def git_sha(root: Path) -> str | None:
+    """The commit measured (``-dirty`` with uncommitted changes). PDPERF_GIT_SHA wins: a copy of
+    the tree whose ``.git`` does not match it (the GPU test machines' copy lagged a session)."""
+    if os.environ.get("PDPERF_GIT_SHA"):
+        return os.environ["PDPERF_GIT_SHA"].strip()
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10)

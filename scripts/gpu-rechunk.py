@@ -6,6 +6,10 @@ fills each chunk to ~58 MiB; once the repo's own files pass ~6 MiB a call is ref
 tree is larger than 64 MiB"). This packs the chunks' files anew (first fit, largest
 first) into `.gpu/c00` ... so that chunk + tree fits with a margin, and prints the chunks to send.
 Split wheels (`*.partNN`) stay whole files: install.sh joins them wherever they came from.
+
+It also writes the commit the calls will carry into `.gpu/c00/pdperf-git-sha`: the device's copy of
+`.git` lagged the tree (session 8's points read the previous session's HEAD "-dirty"), so
+gpu-session.sh exports it as PDPERF_GIT_SHA, which the recorded environment prefers.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import sys
 from pathlib import Path
 
 LIMIT = 64 * 1024 * 1024
+SHA_FILE = "pdperf-git-sha"
 MARGIN = 2 * 1024 * 1024
 
 
@@ -31,6 +36,8 @@ def main() -> int:
         print(f"no chunks under {gpu}: run ../shared/gpu/stage.sh first", file=sys.stderr)
         return 2
     cap = LIMIT - MARGIN - tree_bytes(repo)
+    for old in gpu.glob(f"c[0-9][0-9]/{SHA_FILE}"):  # written anew below, into the first chunk only
+        old.unlink()
     files = sorted((f for c in chunks for f in c.iterdir()), key=lambda f: -f.stat().st_size)
     bins: list[list[Path]] = []
     room: list[int] = []
@@ -58,6 +65,11 @@ def main() -> int:
     for d in sorted(staging.iterdir()):
         d.rename(gpu / d.name)
     staging.rmdir()
+    sys.path.insert(0, str(repo))
+    from pdperf.environment import git_sha
+    sha = git_sha(repo) or "unknown"
+    (gpu / "c00" / SHA_FILE).write_text(sha + "\n")
+    print(f"the calls carry {sha}{'  (uncommitted changes: commit, then run this again)' if 'dirty' in sha else ''}")
     size = {gpu / f"c{i:02d}": cap - r for i, r in enumerate(room)}
     for c in sorted(size):
         print(f"{c.name} {size[c]} bytes (cap {cap})")

@@ -55,6 +55,8 @@ if [ -n "${DEVICE_BUDGET_S:-}" ] && [ -s "$SESSION_T0_FILE" ]; then
   device_left=$(( DEVICE_BUDGET_S - ($(date +%s) - $(cat "$SESSION_T0_FILE")) - ${DEVICE_MARGIN_S:-45} ))
   [ "$device_left" -lt "$CALL_LIMIT_S" ] && CALL_LIMIT_S=$device_left
 fi
+# the commit these calls carry, written here by scripts/gpu-rechunk.py (the device's .git lags the tree)
+[ -z "${PDPERF_GIT_SHA:-}" ] && [ -s /tmp/w/pdperf-git-sha ] && export PDPERF_GIT_SHA=$(cat /tmp/w/pdperf-git-sha)
 STATE=${STATE:-/tmp/pdperf-gpu-state}
 mkdir -p "$STATE"
 FINAL_OUT=${OUT:-reports}

@@ -67,3 +67,11 @@ def test_cpu_runs_record_neither(tmp_path, monkeypatch):
     env = environment.fingerprint(ClusterShape(nodes=[NodeInfo("n0", "10.0.0.1", is_head=True)]),
                                   backend="ray", root=tmp_path)
     assert "host" not in env and not any(k.startswith("gpu_driver") for k in env)
+
+
+def test_git_sha_from_the_environment_wins(monkeypatch, tmp_path):
+    # the GPU test machines' copy of .git lagged the tree: gpu-session.sh passes the staged commit
+    monkeypatch.setenv("PDPERF_GIT_SHA", "355fef3abcde\n")
+    assert environment.git_sha(tmp_path) == "355fef3abcde"
+    monkeypatch.delenv("PDPERF_GIT_SHA")
+    assert environment.git_sha(tmp_path) is None  # no repository there
