@@ -189,6 +189,11 @@ def _bands_text(files: list[Path], point_ids: set[str] | None = None, *, runs: b
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:  # its own parser: argparse.REMAINDER would refuse `pdperf compare -h` / `--html X A B`
+        from pdperf.compare import main as compare_main
+
+        return compare_main(argv[1:], prog="pdperf compare")
     ap = argparse.ArgumentParser(prog="pdperf", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="stand a topology up and keep it serving")
@@ -237,14 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     br.add_argument("point", metavar="POINT_ID", help="e.g. c4")
     br.add_argument("number", type=int, metavar="N", help="the run's number in `baseline show --runs` (2 or more)")
     br.set_defaults(fn=cmd_baseline_remove_run)
-    c = sub.add_parser("compare", help="compare runs or a run against its baselines (see python -m pdperf.compare -h)",
-                       add_help=False)
-    c.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("compare", help="compare runs or a run against its baselines (pdperf compare -h)", add_help=False)
     args = ap.parse_args(argv)
-    if args.cmd == "compare":
-        from pdperf.compare import main as compare_main
-
-        return compare_main(args.rest)
     try:
         return args.fn(args)
     except PdperfError as e:

@@ -169,8 +169,8 @@ def render_html(sections: Sequence[tuple[str, Sequence[GateResult]]]) -> str:
             f'<div class="pdperf-report"><style>{CSS}</style>{"".join(body)}</div></body></html>\n')
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[1].replace("\n", " "))
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1].replace("\n", " "))
     ap.add_argument("inputs", nargs="+", type=Path, metavar="RUN_DIR_OR_POINT_JSON",
                     help="the reference first, then what to compare to it")
     ap.add_argument("--baseline", action="store_true", help="compare each input against the stored baselines "
@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--html", type=Path, metavar="OUT", help="also write an HTML page with a ratio chart")
     args = ap.parse_args(argv)
     if not args.baseline and len(args.inputs) < 2:
-        print(f"{PROG}: give a reference and at least one input to compare to it, or use --baseline",
+        print(f"{prog}: give a reference and at least one input to compare to it, or use --baseline",
               file=sys.stderr)
         return 2
     try:
@@ -205,10 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.html:
             atomic_write_text(args.html, render_html(sections))
     except PdperfError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"{PROG}: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        print(f"{prog}: {e.filename or ''}: {e.strerror}", file=sys.stderr)
         return 2
     regressed = False
     for title, results in sections:

@@ -412,3 +412,18 @@ def test_which_points_a_run_writes_as_baselines(update, record_missing, status, 
     from fixtures.reporting import writes_baseline
 
     assert writes_baseline(update, record_missing, status) is writes
+
+
+def test_pdperf_compare_takes_its_options_first(tmp_path, capsys):
+    # `pdperf compare -h` / `pdperf compare --across-topologies A B` were refused by the top-level
+    # parser ("unrecognized arguments"): options before the run folders reach compare's own parser
+    from pdperf.cli import main as cli_main
+    with pytest.raises(SystemExit) as e:
+        cli_main(["compare", "-h"])
+    assert e.value.code == 0 and "usage: pdperf compare" in capsys.readouterr().out
+    a = _run_folder(tmp_path, "A", [point(seed=1)])
+    b = _run_folder(tmp_path, "B", [point(seed=2)])
+    html = tmp_path / "c.html"
+    assert cli_main(["compare", "--html", str(html), str(a), str(b)]) == 0 and html.exists()
+    assert cli_main(["compare", str(a), str(tmp_path / "absent")]) == 2
+    assert capsys.readouterr().err.startswith("pdperf compare: ")
