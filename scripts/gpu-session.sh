@@ -22,6 +22,7 @@
 #   TARGET=T POINTS='c16 or c64' scripts/gpu-session.sh 12   the sweep of T's kept application (an
 #                              earlier step left it up), only those points, gated: a PD start-up of
 #                              ~310 s leaves only c4 in one call
+#   scripts/gpu-session.sh 13  the greedy check alone: PD 1P1D and its collocated TP1 reference, fresh head
 #   (7-9: FIRST_POINT=none keeps c1; the gate judges a point against its baseline's band of runs)
 # A gated step also records the points the recording step did not reach (--record-missing-baselines).
 # Measured on 4x H100, eager: a Ray start-up 150-320 s (a replica restart costs ~150 s), smoke ~60 s,
@@ -36,7 +37,7 @@
 #   PDPERF_PYTHON=.venv/bin/python OUT=/tmp/o STATE=/tmp/s scripts/gpu-session.sh 1
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step=${1:?usage: scripts/gpu-session.sh 1..12}
+step=${1:?usage: scripts/gpu-session.sh 1..13}
 T_COLLOC=${T_COLLOC:-colloc-2xtp1} T_PD=${T_PD:-pd-1p1-1d1-pack} T_TP2=${T_TP2:-colloc-1xtp2}
 T_COLLOC4=${T_COLLOC4:-colloc-2xtp2} T_PD4=${T_PD4:-pd-1p2-1d2-pack}  # the 4-GPU pair: 2xTP2 vs 1P-TP2:1D-TP2
 WORKLOAD=${WORKLOAD:-gpu-small-isl1024-osl256}
@@ -184,5 +185,11 @@ case $step in
   MARKS=${MARKS:-sweep} DEPLOY_TIMEOUT_S=420 record "ray-record-$target" "$target" \
     --deselect "tests/sweeps/test_sweeps.py::test_point[$target/$WORKLOAD/${FIRST_POINT:-c1}]"
   ;;
-*) echo "step must be 1 to 12" >&2; exit 2 ;;
+13)
+  # the greedy check alone (PD's tokens against a collocated engine's, temperature 0): both start
+  # side by side on a fresh head (~350 s); never run on GPU before (step 2's budget ended first)
+  scripts/gpu-testmachine.sh --stop
+  suite ray-greedy-alone 520 -m smoke -k greedy --topology "$T_PD" "${common[@]}" --deploy-timeout 420
+  ;;
+*) echo "step must be 1 to 13" >&2; exit 2 ;;
 esac
