@@ -440,6 +440,9 @@ def _host_cpu_text(pts: list[PointResult], roles_shown: int = 4) -> str:
                  for name, r in top]
         if beside != [0.0, 0.0]:
             items.append(f"other applications {beside[0]:.2f} / {beside[1]:.2f}")
+        full = at_one_core(host, p.topology)
+        if full:
+            items.append("at one core (a Python process's limit): " + ", ".join(f"{n} {c:.2f}" for n, c in full))
         if steal > 0.01:
             items.append(f"steal {steal:.2f} cores (max {float(host.get('steal_cores_max') or 0):.2f})")
         smt = [float(r["sibling_busy_frac"]) for name, r in own
@@ -454,6 +457,26 @@ def _host_cpu_text(pts: list[PointResult], roles_shown: int = 4) -> str:
             '(mean over the point; the most waiting in one second); the hypervisor\'s steal (all CPUs, cores); '
             'the share of intervals an engine\'s CPU had an SMT sibling at least half busy: '
             + escape("; ".join(parts)) + "</p>")
+
+
+# A serving process busier than this many cores is at the limit of one Python thread holding the GIL.
+ONE_CORE = 0.9
+# vLLM's engine core and its TP workers step continuously whenever requests are in flight (a full
+# core at every load on 4x H100): their being at one core says nothing about this point.
+_STEPPING = ("VLLM::EngineCore", "VLLM::Worker", "RayWorker")
+
+
+def at_one_core(host: dict, topology: str) -> list[tuple[str, float]]:
+    """This topology's serving processes (Serve replicas, the PD proxy, ...) at about one core:
+    (role, cores), busiest first. On 4x H100 PD 1P-TP2:1D-TP2's decode replica, one process for
+    all 64 streams, ran at 0.98 cores in the c64 point that decoded x1.38 slower than collocated."""
+    full = []
+    for proc in (host.get("processes") or {}).values():
+        app, _, name = str(proc.get("role") or "").rpartition("/")
+        cores = float(proc.get("cpu_cores") or 0)
+        if cores >= ONE_CORE and (not app or app == topology) and not name.startswith(_STEPPING):
+            full.append((name, cores))
+    return sorted(full, key=lambda nc: -nc[1])
 
 
 def _co_resident_text(pts: list[PointResult]) -> str:

@@ -247,6 +247,17 @@ def test_serving_processes_cpu_of_each_point_under_its_topology_table(tmp_path):
     assert html.count("cores waiting for a CPU") == 1
     assert ("c4: VLLM::EngineCore×2 1.90 / 0.02 (max 0.31), OpenAiIngress×8 0.40 / 0.00 (max 0.01), "
             "other applications 0.50 / 0.75") in html
+    assert "at one core" not in html  # no process list: nothing to say
+
+
+def test_a_serving_process_at_one_core_is_named():
+    from pdperf.report.html import at_one_core
+    procs = {"1": {"role": "pd/Decode", "cpu_cores": 0.98}, "2": {"role": "pd/OpenAiIngress", "cpu_cores": 0.38},
+             "3": {"role": "pd/VLLM::EngineCore", "cpu_cores": 1.0}, "4": {"role": "RayWorker", "cpu_cores": 2.03},
+             "5": {"role": "other/LLMServer", "cpu_cores": 0.99}, "6": {"role": "pd_proxy", "cpu_cores": 0.93}}
+    # the engine core and TP workers step continuously at every load; another app is not this point's
+    assert at_one_core({"processes": procs}, "pd") == [("Decode", 0.98), ("pd_proxy", 0.93)]
+    assert at_one_core({}, "pd") == []
 
 
 def test_each_topology_gets_a_chart_of_its_requests_pace_in_time(tmp_path):
