@@ -103,6 +103,18 @@ def kv_bandwidth_gb_s(telemetry: dict[str, Any]) -> float | None:
     return float(total_bytes) / (float(per_xfer_s) * float(count)) / 1e9
 
 
+def kv_bandwidth_note(telemetry: dict[str, Any]) -> str:
+    """"" when the transfer time is exact; else the bandwidth range its histogram buckets prove
+    (Ray's metrics export keeps no sums: ``kv_transfer_time_s`` is then a bucket-midpoint estimate)."""
+    if "kv_transfer_time_s" not in (telemetry.get("estimated_means") or []):
+        return ""
+    lo_s, hi_s = (telemetry.get("mean_bounds_s") or {}).get("kv_transfer_time_s") or (None, None)
+    gb = float(telemetry.get("kv_bytes") or 0) / float(telemetry.get("kv_transfers") or 1) / 1e9
+    slow = f"{gb / hi_s:.2f}" if hi_s else "0"
+    proven = f"{slow} to {gb / lo_s:.2f} GB/s" if lo_s else f"at least {slow} GB/s"
+    return f" (estimated: the transfer time comes from Ray's histogram buckets, which prove only {proven})"
+
+
 def confirm_regression(gate: GateResult, remeasure: Callable[[int], PointResult],
                        regate: Callable[[PointResult], GateResult], attempts: int) -> GateResult:
     """Re-measure a regressed point up to ``attempts`` times; the regression stands only if every

@@ -12,6 +12,7 @@ without the ``<html>`` wrapper, is :func:`summary_fragment` for the pytest-html 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import defaultdict
 from html import escape
 from typing import Any, Iterable, Sequence
@@ -583,15 +584,36 @@ def _pareto_chart(pts: list[PointResult], summaries: dict[str, dict], colors: di
 
 def _attribution_chart(pts: list[PointResult], workload: str) -> str:
     title = f"Server-side latency attribution (means) — {workload}"
-    rows = []
+    rows, bounds = [], {}
     for p in pts:
         vals = {k: _telemetry_mean(p.telemetry, k) for k in TELEMETRY_SEGMENTS}
         if any(v is not None for v in vals.values()):
-            rows.append((f"{p.topology} {p.point_id}", {k: (v or 0.0) * 1000.0 for k, v in vals.items()}))
+            guessed = [k for k in TELEMETRY_SEGMENTS if k in ((p.telemetry or {}).get("estimated_means") or [])]
+            rows.append((f"{p.topology} {p.point_id}{' ≈' if guessed else ''}",
+                         {k: (v or 0.0) * 1000.0 for k, v in vals.items()}))
+            for k in guessed:  # the widest proven range of each segment over the points
+                lo, hi = ((p.telemetry.get("mean_bounds_s") or {}).get(k) or [None, None])
+                old = bounds.get(k, (math.inf, -math.inf))
+                bounds[k] = (min(old[0], lo if lo is not None else math.inf),
+                             max(old[1], hi if hi is not None else math.inf))
     if not rows:
         return no_data(title, "the points carry no telemetry means of " + ", ".join(TELEMETRY_SEGMENTS))
-    return stacked_bar_chart(rows, TELEMETRY_SEGMENTS, title=title, x_label="mean time per request (ms)",
-                             segment_labels=TELEMETRY_LABELS)
+    chart = stacked_bar_chart(rows, TELEMETRY_SEGMENTS, title=title, x_label="mean time per request (ms)",
+                              segment_labels=TELEMETRY_LABELS)
+    return chart + _estimated_note(bounds)
+
+
+def _estimated_note(bounds: dict[str, tuple[float, float]]) -> str:
+    """Under the attribution chart: which means are estimates from histogram buckets (Ray's
+    metrics export keeps no sums) and the range each is proven to lie in."""
+    if not bounds:
+        return ""
+    def ms(v: float) -> str:
+        return "no upper bound" if math.isinf(v) else f"{v * 1000:,.0f} ms"
+    ranges = ", ".join(f"{TELEMETRY_LABELS.get(k, k)} {ms(lo)}-{ms(hi)}" for k, (lo, hi) in bounds.items())
+    return ('<p class="note">≈: estimated from histogram buckets — the metrics export (Ray\'s) keeps no sums and '
+            "counts each request at its bucket's midpoint, so these bars are known only to within their buckets: "
+            f"{escape(ranges)} (the widest range over the points). Client-side TTFT and TPOT above are exact.</p>")
 
 
 def _plots(run: RunData, summaries: dict[str, dict]) -> str:

@@ -202,3 +202,17 @@ def test_the_terminal_summary_names_unconfirmed_points(slow_vs_fast):
                 {"test_id": "c", "gate": {"status": "unchanged", "point": "x"}}]
     [line] = unconfirmed_lines(verdicts)
     assert line.startswith("  unconfirmed (passed): cpu-pd-1p1-1d1/cpu-latency/c2: unconfirmed: the first measurement")
+
+
+def test_kv_bandwidth_and_the_range_an_estimated_transfer_time_proves():
+    from pdperf.checks import kv_bandwidth_gb_s, kv_bandwidth_note
+    exact = {"kv_bytes": 8e9, "kv_transfers": 100, "kv_transfer_time_s": 0.01}
+    assert kv_bandwidth_gb_s(exact) == pytest.approx(8.0) and kv_bandwidth_note(exact) == ""
+    # through Ray: 0.0075-0.01 s buckets, the midpoint 0.00875 s; 80 MB per transfer
+    ray = {**exact, "kv_transfer_time_s": 0.00875, "estimated_means": ["kv_transfer_time_s"],
+           "mean_bounds_s": {"kv_transfer_time_s": [0.0075, 0.01]}}
+    assert kv_bandwidth_gb_s(ray) == pytest.approx(8 / 0.875)
+    assert kv_bandwidth_note(ray) == (" (estimated: the transfer time comes from Ray's histogram buckets, which "
+                                      "prove only 8.00 to 10.67 GB/s)")
+    open_ended = {**ray, "mean_bounds_s": {"kv_transfer_time_s": [0.0, None]}}
+    assert kv_bandwidth_note(open_ended).endswith("prove only at least 0 GB/s)")

@@ -160,3 +160,33 @@ def test_samples_during_the_window_keep_only_gauges():
     assert "vllm:kv_cache_usage_perc" in kept and "vllm:num_requests_running" in kept
     assert "_bucket" not in kept and "# TYPE" not in kept
     assert len(kept) < len(AFTER) / 20
+
+
+def test_ray_exports_bucket_midpoint_sums_and_they_are_marked_estimates():
+    # Ray's metrics export keeps no histogram sums: it replays each observation at its bucket's
+    # midpoint. Every Ray point's queue time read 0.15 s (vLLM's first bucket is 0-0.3 s) while TTFT
+    # was 47 ms (CPU) - a mean known only to within its buckets.
+    before = _hist("ray_vllm_request_queue_time_seconds", 'engine="0"', 0.0, 0, {"0.3": 0, "0.5": 0, "+Inf": 0})
+    after = _hist("ray_vllm_request_queue_time_seconds", 'engine="0"', 10 * 0.15, 10,
+                  {"0.3": 10, "0.5": 10, "+Inf": 10})
+    out = summarize({URL: before}, {URL: after})
+    assert out["queue_time_s"] == pytest.approx(0.15)
+    assert out["estimated_means"] == ["queue_time_s"]
+    assert out["mean_bounds_s"]["queue_time_s"] == pytest.approx([0.0, 0.3])
+    assert out["by_url"][URL]["estimated_means"] == ["queue_time_s"]
+    # one observation past the last bound: Ray puts it at twice that bound; no upper bound is proven
+    tail = _hist("ray_vllm_request_queue_time_seconds", 'engine="0"', 8 * 0.15 + 0.4 + 1.0, 10,
+                 {"0.3": 8, "0.5": 9, "+Inf": 10})
+    out = summarize({URL: before}, {URL: tail})
+    assert out["estimated_means"] == ["queue_time_s"]
+    assert out["mean_bounds_s"]["queue_time_s"][0] == pytest.approx((0.3 + 0.5) / 10)
+    assert out["mean_bounds_s"]["queue_time_s"][1] is None
+
+
+def test_exact_sums_are_not_marked():
+    exact = _hist("vllm:request_queue_time_seconds", 'engine="0"', 0.0123 * 10, 10, {"0.3": 10, "+Inf": 10})
+    zero = _hist("vllm:request_queue_time_seconds", 'engine="0"', 0.0, 0, {"0.3": 0, "+Inf": 0})
+    out = summarize({URL: zero}, {URL: exact})
+    assert out["queue_time_s"] == pytest.approx(0.0123) and out["estimated_means"] == []
+    real = summarize({URL: BEFORE}, {URL: AFTER})  # vLLM's own exporter (a real capture): exact sums
+    assert real["estimated_means"] == [] and real["mean_bounds_s"] == {}

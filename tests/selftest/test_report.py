@@ -290,3 +290,19 @@ def test_report_cli(tmp_path, capsys):
     assert main([str(tmp_path / "absent")]) == 2
     err = capsys.readouterr().err
     assert "no such run folder" in err and err.count("\n") == 1
+
+
+def test_estimated_server_means_are_marked_with_the_range_they_are_proven_in(tmp_path):
+    # Ray's export keeps no histogram sums: queue 150 ms drawn beside a 47 ms TTFT, unmarked, misled
+    run_dir = tmp_path / "run-est"
+    tel = {"queue_time_s": 0.15, "prefill_time_s": 0.15, "decode_time_s": 0.6, "kv_transfer_time_s": None,
+           "estimated_means": ["queue_time_s", "prefill_time_s", "decode_time_s"],
+           "mean_bounds_s": {"queue_time_s": [0.0, 0.3], "prefill_time_s": [0.0, 0.3], "decode_time_s": [0.5, None]}}
+    save_point(run_dir / "points" / "c1.json", synthetic_point("colloc", "w", 1, n=12, output_tokens=3, telemetry=tel))
+    html = build_report(run_dir).read_text()
+    assert "colloc c1 ≈" in html
+    assert "queue 0 ms-300 ms, prefill 0 ms-300 ms, decode 500 ms-no upper bound" in html
+    exact = tmp_path / "run-exact"
+    save_point(exact / "points" / "c1.json", synthetic_point(
+        "colloc", "w", 1, n=12, output_tokens=3, telemetry={"queue_time_s": 0.01, "decode_time_s": 0.5}))
+    assert "estimated from histogram buckets" not in build_report(exact).read_text()
