@@ -36,6 +36,9 @@ if [ ${#ray_args[@]} -gt 0 ] && ! pgrep -x raylet >/dev/null; then
   cpus=$(( $(nproc) * 4 > 32 ? $(nproc) * 4 : 32 ))
   # In a session of its own: the device tool kills what a call leaves running unless it started a
   # new session, and kept deployments must outlive the call (seen: engines gone between calls).
+  # Ray exports vLLM's metrics every 10 s by default: a point's after-scrape then misses its last
+  # seconds (pdperf/backends/ray_serve.py METRICS_REPORT_INTERVAL_MS)
+  RAY_metrics_report_interval_ms=${RAY_metrics_report_interval_ms:-1000} \
   setsid -w "$(dirname "$(command -v "$PY")")/ray" start --head --num-gpus "$gpus" --num-cpus "$cpus" --include-dashboard=false \
     --node-ip-address 127.0.0.1 --disable-usage-stats >/tmp/ray-start.log 2>&1 || { cat /tmp/ray-start.log; exit 1; }
 fi
