@@ -306,3 +306,12 @@ def test_estimated_server_means_are_marked_with_the_range_they_are_proven_in(tmp
     save_point(exact / "points" / "c1.json", synthetic_point(
         "colloc", "w", 1, n=12, output_tokens=3, telemetry={"queue_time_s": 0.01, "decode_time_s": 0.5}))
     assert "estimated from histogram buckets" not in build_report(exact).read_text()
+
+
+def test_engines_counting_fewer_requests_than_completed_is_said():
+    from pdperf.report.html import short_windows
+    short = synthetic_point("colloc-2xtp2", "w", 64, n=20, output_tokens=3, telemetry={"server_requests": 15})
+    whole = synthetic_point("colloc-2xtp2", "w", 16, n=20, output_tokens=3, telemetry={"server_requests": 20})
+    pd = synthetic_point("pd-1p1d", "w", 4, n=20, output_tokens=3, telemetry={"server_requests": 39})  # 2 engines each
+    none = synthetic_point("colloc-2xtp2", "w", 1, n=20, output_tokens=3)
+    assert [(p.point_id, n, e) for p, n, e in short_windows([short, whole, pd, none])] == [("c64", 15, 20)]
