@@ -455,7 +455,8 @@ class RayServeDeployment(Deployment):
         if restarts:
             log.warning("topology %s: %d replica restart(s) during start-up", t.name, restarts)
         return Endpoint(
-            topology=t, backend=self.backend, base_url=base, model_id=t.name, tokenizer_path=self._model_path, model=self.model,
+            topology=t, backend=self.backend, base_url=base, model_id=t.name, tokenizer_path=self._model_path,
+            model=self.model,
             metrics_urls=self.cluster.metrics_urls(), startup_s=startup_s, placement=self._placement,
             restarts_at_ready=restarts, restart_counter=self.restarts, log_tail=self.log_tail,
             neighbours=self.neighbours,

@@ -414,6 +414,14 @@ def _gpu_clock_text(pts: list[PointResult]) -> str:
             + escape("; ".join(parts)) + "</p>")
 
 
+# A serving process busier than this many cores is at the limit of one Python thread holding the GIL.
+ONE_CORE = 0.9
+# vLLM's engine core and its TP workers: they step continuously whenever requests are in flight (a
+# full core at every load on 4x H100), so being at one core says nothing about a point; their CPU's
+# SMT sibling is what the host line reports for them.
+ENGINE_ROLES = ("VLLM::EngineCore", "VLLM::Worker", "RayWorker")
+
+
 def _host_cpu_text(pts: list[PointResult], roles_shown: int = 4) -> str:
     """One line per topology: per point, the client host's serving processes by role, cores busy /
     cores waiting for a CPU (mean over the point; the most waiting in one interval), from
@@ -447,7 +455,7 @@ def _host_cpu_text(pts: list[PointResult], roles_shown: int = 4) -> str:
         if steal > 0.01:
             items.append(f"steal {steal:.2f} cores (max {float(host.get('steal_cores_max') or 0):.2f})")
         smt = [float(r["sibling_busy_frac"]) for name, r in own
-               if name.startswith(("VLLM::EngineCore", "VLLM::Worker", "RayWorker"))
+               if name.startswith(ENGINE_ROLES)
                and r.get("sibling_busy_frac") is not None]
         if smt:
             items.append(f"engine CPU's SMT sibling busy in {max(smt):.0%} of intervals")
@@ -460,13 +468,6 @@ def _host_cpu_text(pts: list[PointResult], roles_shown: int = 4) -> str:
             + escape("; ".join(parts)) + "</p>")
 
 
-# A serving process busier than this many cores is at the limit of one Python thread holding the GIL.
-ONE_CORE = 0.9
-# vLLM's engine core and its TP workers step continuously whenever requests are in flight (a full
-# core at every load on 4x H100): their being at one core says nothing about this point.
-_STEPPING = ("VLLM::EngineCore", "VLLM::Worker", "RayWorker")
-
-
 def at_one_core(host: dict, topology: str) -> list[tuple[str, float]]:
     """This topology's serving processes (Serve replicas, the PD proxy, ...) at about one core:
     (role, cores), busiest first. On 4x H100 PD 1P-TP2:1D-TP2's decode replica, one process for
@@ -475,7 +476,7 @@ def at_one_core(host: dict, topology: str) -> list[tuple[str, float]]:
     for proc in (host.get("processes") or {}).values():
         app, _, name = str(proc.get("role") or "").rpartition("/")
         cores = float(proc.get("cpu_cores") or 0)
-        if cores >= ONE_CORE and (not app or app == topology) and not name.startswith(_STEPPING):
+        if cores >= ONE_CORE and (not app or app == topology) and not name.startswith(ENGINE_ROLES):
             full.append((name, cores))
     return sorted(full, key=lambda nc: -nc[1])
 
@@ -591,11 +592,10 @@ def _attribution_chart(pts: list[PointResult], workload: str) -> str:
             guessed = [k for k in TELEMETRY_SEGMENTS if k in ((p.telemetry or {}).get("estimated_means") or [])]
             rows.append((f"{p.topology} {p.point_id}{' ≈' if guessed else ''}",
                          {k: (v or 0.0) * 1000.0 for k, v in vals.items()}))
-            for k in guessed:  # the widest proven range of each segment over the points
-                lo, hi = ((p.telemetry.get("mean_bounds_s") or {}).get(k) or [None, None])
+            for k in guessed:  # the widest proven range of each segment over the points (None: no upper bound)
+                lo, hi = (p.telemetry.get("mean_bounds_s") or {}).get(k) or (0.0, None)
                 old = bounds.get(k, (math.inf, -math.inf))
-                bounds[k] = (min(old[0], lo if lo is not None else math.inf),
-                             max(old[1], hi if hi is not None else math.inf))
+                bounds[k] = (min(old[0], lo), max(old[1], math.inf if hi is None else hi))
     if not rows:
         return no_data(title, "the points carry no telemetry means of " + ", ".join(TELEMETRY_SEGMENTS))
     chart = stacked_bar_chart(rows, TELEMETRY_SEGMENTS, title=title, x_label="mean time per request (ms)",
@@ -755,9 +755,7 @@ def _baseline_section(run: RunData) -> str:
             hi, lo = 1 + t, 1 / (1 + t)
             base, b_lo, b_hi = v.get("baseline_value"), v.get("band_low"), v.get("band_high")
             if v.get("band_runs") and base and b_lo and b_hi:  # limits from the band's worst / best run
-                lower_better = v.get("direction", "lower-is-better") == "lower-is-better"
-                worst, best = (b_hi, b_lo) if lower_better else (b_lo, b_hi)
-                hi, lo = (worst / base * hi, best / base * lo) if lower_better else (best / base * hi, worst / base * lo)
+                hi, lo = b_hi / base * hi, b_lo / base * lo  # either direction: the upper limit from the band's top
             bad, good = (hi, lo) if v.get("direction", "lower-is-better") == "lower-is-better" else (lo, hi)
             rows.append(RatioRow(f"{g.get('point')} {v.get('statistic')} {v.get('metric')}", ratio,
                                  ci[0] if ci else None, ci[1] if ci else None, bad, good, str(v.get("verdict")),
