@@ -10,7 +10,7 @@ import pytest
 from fixtures.reporting import confirm_path, point_path
 from pdperf import checks
 from pdperf.baselines import write_baseline
-from pdperf.loadgen.runner import single_request
+from pdperf.loadgen.runner import greedy_tokens, single_request
 from pdperf.metrics import tpot_ms, ttft_ms
 from pdperf.models import tokenizer_covers_vocab
 from pdperf.results import load_point
@@ -41,13 +41,27 @@ def test_stream_exact_length(endpoint, api, record_property):
 
 
 @pytest.mark.topology_kind("pd")
-def test_pd_greedy_matches_collocated(endpoint, reference_endpoint):
+def test_pd_greedy_matches_collocated(endpoint, reference_endpoint, record_property):
+    """Token ids, not text: with the GPU shapes' small local tokenizer most ids have no text, and
+    the ninth GPU session's pass compared texts that could both be empty."""
+    outputs = {}
     for prompt in PROMPTS:
-        _, pd_text = single_request(endpoint.base_url, endpoint.model_id, prompt, 24)
-        _, ref_text = single_request(reference_endpoint.base_url, reference_endpoint.model_id, prompt, 24)
-        assert pd_text == ref_text, (
+        try:
+            pd_ids, pd_text = greedy_tokens(endpoint.base_url, endpoint.model_id, prompt, 24)
+            ref_ids, ref_text = greedy_tokens(reference_endpoint.base_url, reference_endpoint.model_id, prompt, 24)
+        except RuntimeError as e:
+            pytest.fail(f"greedy check, prompt {prompt!r}: {e}", pytrace=False)
+        assert pd_ids == ref_ids, (
             f"greedy output differs between {endpoint.name} (PD) and {reference_endpoint.name} (collocated) for "
-            f"prompt {prompt!r}: the KV handoff is wrong.\nPD:         {pd_text!r}\ncollocated: {ref_text!r}")
+            f"prompt {prompt!r}: the KV handoff is wrong.\nPD:         {pd_ids} {pd_text!r}\n"
+            f"collocated: {ref_ids} {ref_text!r}")
+        outputs[prompt] = ref_ids
+    record_property("greedy_token_ids", json.dumps(list(outputs.values())))
+    if len({tuple(ids) for ids in outputs.values()}) == 1:
+        pytest.skip(f"inconclusive: PD matched the collocated engine token for token, but the model answers "
+                    f"all {len(PROMPTS)} prompts with the same ids {outputs[PROMPTS[0]][:8]}...: its output does "
+                    f"not depend on the prompt, so a wrong KV handoff would match too (use the project's "
+                    f"built model or real weights)")
 
 
 def test_small_load_point(endpoint, smoke_workload, measure):
