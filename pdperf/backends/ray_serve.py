@@ -293,6 +293,8 @@ def _replica_actors(app: str) -> list[dict[str, Any]]:
 def _actor_log_tail(actor: dict[str, Any], n: int) -> str:
     """Last lines of a replica's stderr (vLLM logs there): local log files, else the state API."""
     pid = actor.get("Pid")
+    if not pid:  # PENDING_CREATION: never scheduled (no resources), so no process and no log
+        return f"(no log: the replica has no process yet, state {actor.get('State')})"
     logs_dir = compat.local_logs_dir()
     log_file = ray_worker_log(Path(logs_dir), pid) if logs_dir and pid else None
     if log_file is not None:
@@ -314,6 +316,18 @@ def _short_message(message: str | None, limit: int = 160) -> str:
     text = re.sub(r"^Deployment '[^']*' in application '[^']*' ", "", text)
     first = text.split(". ")[0]
     return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def _pending_note(pending: list[dict[str, Any]], others: list[str]) -> str:
+    """What a start-up waits for when its placement groups are not placed, and which other Serve
+    applications hold resources now (a run kept with --keep-deployments, another session's)."""
+    bundles = list((pending[0].get("bundles") or {}).values())
+    note = (f"{len(pending)} placement group(s) not yet placed, e.g. bundles {bundles} "
+            f"({pending[0].get('strategy', '')}): the cluster lacks these resources now")
+    if others:
+        note += (f", while other Serve applications hold theirs: {', '.join(others)} (left by "
+                 f"--keep-deployments or another run? `serve delete NAME` frees them)")
+    return note
 
 
 class RayServeDeployment(Deployment):
@@ -372,9 +386,7 @@ class RayServeDeployment(Deployment):
         except Exception:  # noqa: BLE001 - a status line must not fail the wait it describes
             pending = []
         if pending:
-            bundles = list((pending[0].get("bundles") or {}).values())
-            parts.append(f"{len(pending)} placement group(s) not yet placed, e.g. bundles {bundles} "
-                         f"({pending[0].get('strategy', '')}): the cluster lacks these resources now")
+            parts.append(_pending_note(pending, self.neighbours()))
         return "; ".join(parts)
 
     # -- lifecycle -----------------------------------------------------------------------------

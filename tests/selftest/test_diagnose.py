@@ -93,3 +93,25 @@ def test_progress_keeps_serve_messages_short():
     assert _short_message(msg) == "has 1 replicas that have taken more than 30s to be scheduled"
     assert _short_message(None) == "" and _short_message("a\n  b") == "a b"
     assert len(_short_message("x" * 500)) == 160
+
+
+def test_waiting_start_up_names_the_applications_that_hold_resources():
+    """The ninth GPU session deployed colloc-1xtp2 (2 GPUs) beside a kept PD app and its reference
+    (3 of 4 GPUs): the wait said only that the cluster lacked resources, for 360 s."""
+    from pdperf.backends.ray_serve import _pending_note
+
+    pending = [{"bundles": {"0": {"CPU": 2.0, "GPU": 1.0}, "1": {"CPU": 1.0, "GPU": 1.0}}, "strategy": "STRICT_PACK"}]
+    alone = _pending_note(pending, [])
+    assert alone.startswith("1 placement group(s) not yet placed, e.g. bundles [{'CPU': 2.0, 'GPU': 1.0}")
+    assert "(STRICT_PACK)" in alone and "other Serve" not in alone
+    beside = _pending_note(pending, ["colloc-1xtp1", "pd-1p1-1d1-pack"])
+    assert "other Serve applications hold theirs: colloc-1xtp1, pd-1p1-1d1-pack" in beside
+    assert "`serve delete NAME`" in beside
+
+
+def test_a_replica_never_scheduled_has_no_log_to_fetch():
+    """Ray's state API refused pid 0 with a pydantic error (ninth GPU session's diagnosis)."""
+    from pdperf.backends.ray_serve import _actor_log_tail
+
+    out = _actor_log_tail({"Pid": 0, "State": "PENDING_CREATION", "Address": {"NodeID": "n"}}, 5)
+    assert out == "(no log: the replica has no process yet, state PENDING_CREATION)"
