@@ -10,6 +10,10 @@ Split wheels (`*.partNN`) stay whole files: install.sh joins them wherever they 
 It also writes the commit the calls will carry into `.gpu/c00/pdperf-git-sha`: the device's copy of
 `.git` lagged the tree (session 8's points read the previous session's HEAD "-dirty"), so
 gpu-session.sh exports it as PDPERF_GIT_SHA, which the recorded environment prefers.
+
+Each chunk gets a marker, `pdperf-chunk-NN-of-MM`: scripts/gpu-install.sh names the chunks whose copy
+call did not arrive (the ninth session's first call found no machine, its chunk was missing, and
+install.sh failed on an import) before installing anything.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ def main() -> int:
         print(f"no chunks under {gpu}: run ../shared/gpu/stage.sh first", file=sys.stderr)
         return 2
     cap = LIMIT - MARGIN - tree_bytes(repo)
-    for old in gpu.glob(f"c[0-9][0-9]/{SHA_FILE}"):  # written anew below, into the first chunk only
+    for old in [*gpu.glob(f"c[0-9][0-9]/{SHA_FILE}"), *gpu.glob("c[0-9][0-9]/pdperf-chunk-*")]:  # written anew
         old.unlink()
     files = sorted((f for c in chunks for f in c.iterdir()), key=lambda f: -f.stat().st_size)
     bins: list[list[Path]] = []
@@ -69,6 +73,8 @@ def main() -> int:
     from pdperf.environment import git_sha
     sha = git_sha(repo) or "unknown"
     (gpu / "c00" / SHA_FILE).write_text(sha + "\n")
+    for i in range(len(bins)):
+        (gpu / f"c{i:02d}" / f"pdperf-chunk-{i:02d}-of-{len(bins):02d}").write_text("")
     print(f"the calls carry {sha}{'  (uncommitted changes: commit, then run this again)' if 'dirty' in sha else ''}")
     size = {gpu / f"c{i:02d}": cap - r for i, r in enumerate(room)}
     for c in sorted(size):

@@ -20,8 +20,8 @@
 #   scripts/gpu-session.sh 11  Ray PD 1P-TP2:1D-TP2 (pd-1p2-1d2-pack, 4 GPUs) the same: 10 + 11 are the
 #                              issue's 4-GPU comparison at equal GPU count
 #   TARGET=T POINTS='c16 or c64' scripts/gpu-session.sh 12   the sweep of T's kept application (an
-#                              earlier step left it up), only those points, gated: a PD start-up of
-#                              ~310 s leaves only c4 in one call
+#                              earlier step left it up; otherwise T alone on a fresh head), only those
+#                              points, gated: a PD start-up of ~310 s leaves only c4 in one call
 #   scripts/gpu-session.sh 13  the greedy check alone: PD 1P1D and its collocated TP1 reference, fresh head
 #   (7-9: FIRST_POINT=none keeps c1; the gate judges a point against its baseline's band of runs)
 # A gated step also records the points the recording step did not reach (--record-missing-baselines).
@@ -58,6 +58,12 @@ if [ -n "${DEVICE_BUDGET_S:-}" ] && [ -s "$SESSION_T0_FILE" ]; then
 fi
 # the commit these calls carry, written here by scripts/gpu-rechunk.py (the device's .git lags the tree)
 [ -z "${PDPERF_GIT_SHA:-}" ] && [ -s /tmp/w/pdperf-git-sha ] && export PDPERF_GIT_SHA=$(cat /tmp/w/pdperf-git-sha)
+# staged chunks but no finished install (scripts/gpu-install.sh): every pytest run would fail on an import
+if [ -d /tmp/w ] && [ ! -e /tmp/w/pdperf-installed ] && [ -z "${PDPERF_PYTHON:-}" ]; then
+  echo "gpu-session $step: the stack in /tmp/w is not installed (scripts/gpu-install.sh did not finish: a chunk" \
+       "missing, or it was not run): nothing to do" >&2
+  exit 3
+fi
 STATE=${STATE:-/tmp/pdperf-gpu-state}
 mkdir -p "$STATE"
 FINAL_OUT=${OUT:-reports}
@@ -173,6 +179,10 @@ case $step in
   # the kept application of an earlier step (adopted, no start-up), only the points named in POINTS
   target=${TARGET:?step 12 needs TARGET=<topology> (and POINTS, a -k expression such as 'c16 or c64')}
   log "running: [$(running_apps)]; gating $target: ${POINTS:-all points}"
+  # not kept by an earlier step: deploy it alone on a fresh head (the ninth session's step 12 deployed
+  # colloc-1xtp2 beside step 13's PD and TP1 apps, whose 3 GPUs left its placement group waiting 360 s)
+  case " $(running_apps) " in *" $target "*) ;; *) log "$target is not running: a fresh head"
+    scripts/gpu-testmachine.sh --stop ;; esac
   suite "ray-adopted-$target" 520 -m sweep --topology "$target" "${common[@]}" --deploy-timeout 360 \
     --record-missing-baselines -k "${POINTS:-c}"
   ;;

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from pdperf import environment
 from pdperf.cluster import ClusterShape, NodeInfo
 
 pytestmark = pytest.mark.selftest
+
+ROOT = Path(__file__).resolve().parents[2]
 
 FOUR_H100 = "\n".join(["580.95.05, 700.00, 1980, 2619, Enabled"] * 4) + "\n"
 
@@ -75,3 +78,19 @@ def test_git_sha_from_the_environment_wins(monkeypatch, tmp_path):
     assert environment.git_sha(tmp_path) == "355fef3abcde"
     monkeypatch.delenv("PDPERF_GIT_SHA")
     assert environment.git_sha(tmp_path) is None  # no repository there
+
+
+@pytest.mark.parametrize("present, says", [
+    ((), "no chunk marker"),
+    ((1, 2), "chunk(s) c00 missing"),
+    ((0, 2), "chunk(s) c01 missing"),
+])
+def test_gpu_install_names_the_chunks_that_did_not_arrive(tmp_path, present, says):
+    """The ninth GPU session's first copy call found no machine: c00 never arrived and install.sh
+    failed on an import; scripts/gpu-install.sh names the missing chunk and installs nothing."""
+    for i in present:
+        (tmp_path / f"pdperf-chunk-{i:02d}-of-03").write_text("")
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-install.sh")], capture_output=True, text=True,
+                         env={**os.environ, "GPU_STAGE_DIR": str(tmp_path)}, timeout=30)
+    assert out.returncode == 3 and says in out.stderr, out.stderr
+    assert not (tmp_path / "pdperf-installed").exists()
