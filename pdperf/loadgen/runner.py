@@ -47,11 +47,9 @@ from pdperf.loadgen.client import (
     ClientStats,
     LoopLagMonitor,
     PreparedRequest,
-    SSEParser,
     StreamingClient,
     arrival_offsets_s,
     build_body,
-    endpoint_url,
     run_closed_loop,
     run_open_loop,
 )
@@ -543,44 +541,6 @@ def single_request(base_url: str, model: str, prompt: str, max_tokens: int, api:
     """Sync :func:`single_request_async` (for smoke tests); from async code await the async one."""
     return asyncio.run(single_request_async(base_url, model, prompt, max_tokens, api, timeout_s=timeout_s,
                                             extra_body=extra_body))
-
-
-def greedy_tokens(base_url: str, model: str, prompt: str, max_tokens: int, *,
-                  timeout_s: float = 300.0) -> tuple[list[int], str]:
-    """The token ids (and text) one streamed greedy request generates: vLLM's
-    ``return_tokens_as_token_ids`` with ``logprobs`` names every sampled token as
-    ``token_id:N``. Text alone cannot show that two outputs match: with the GPU shapes' small local
-    tokenizer most ids have no text, and two streams of 24 tokens can both decode to "".
-    Raises RuntimeError (with the server's answer) when the request fails or names no ids."""
-    body = build_body(model=model, prompt=prompt, max_tokens=max_tokens,
-                      extra={"logprobs": 1, "return_tokens_as_token_ids": True})
-    req = urllib.request.Request(endpoint_url(base_url, "completions"), data=body,
-                                 headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
-    ids: list[int] = []
-    text: list[str] = []
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            raw = resp.read()
-    except urllib.error.HTTPError as e:
-        raise RuntimeError(f"HTTP {e.code}: {e.read()[:500].decode('utf-8', 'replace')}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise RuntimeError(f"{type(e).__name__}: {getattr(e, 'reason', None) or e}") from None
-    for payload in SSEParser().feed(raw):
-        if payload.strip() == b"[DONE]":
-            break
-        event = json.loads(payload)
-        if "error" in event:
-            raise RuntimeError(f"error event mid-stream: {json.dumps(event['error'])[:500]}")
-        for choice in event.get("choices") or []:
-            text.append(choice.get("text") or "")
-            for tok in (choice.get("logprobs") or {}).get("tokens") or []:
-                if not str(tok).startswith("token_id:"):
-                    raise RuntimeError(f"the server named a token {tok!r}, not 'token_id:N': it ignored "
-                                       f"return_tokens_as_token_ids")
-                ids.append(int(str(tok).split(":", 1)[1]))
-    if not ids:
-        raise RuntimeError(f"the stream named no token ids (logprobs missing); text {''.join(text)!r}")
-    return ids, "".join(text)
 
 
 # --------------------------------------------------------------------------------------------

@@ -165,20 +165,6 @@ def test_single_request_returns_the_text(stub):
     assert stub.last_body["messages"] == [{"role": "user", "content": "hello there"}]
 
 
-def test_greedy_tokens_says_what_the_server_left_out(stub):
-    """The stub names no token ids (logprobs null), as a server that ignores
-    return_tokens_as_token_ids would: the greedy check fails with that, not with [] == []."""
-    from pdperf.loadgen.runner import greedy_tokens
-    from pdperf.waiting import free_port
-
-    stub.behavior = StubBehavior(ttft_s=0.0)
-    with pytest.raises(RuntimeError, match=r"named no token ids \(logprobs missing\); text ' tok tok'"):
-        greedy_tokens(stub.url, "stub-model", "hello", 2)
-    assert stub.last_body["logprobs"] == 1 and stub.last_body["return_tokens_as_token_ids"] is True
-    with pytest.raises(RuntimeError, match="URLError"):
-        greedy_tokens(f"http://127.0.0.1:{free_port()}", "m", "hello", 2, timeout_s=5)
-
-
 def test_reset_prefix_cache_never_raises(stub):
     assert reset_prefix_cache(stub.url, "m") == "unsupported"
     assert reset_prefix_cache("http://127.0.0.1:9", "m", timeout_s=1).startswith("failed:")
