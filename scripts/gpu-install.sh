@@ -12,11 +12,11 @@ if [ -z "$marker" ]; then
   echo "gpu-install: no chunk marker in $W: no chunk arrived, or they were staged before scripts/gpu-rechunk.py wrote markers; resend the copy calls" >&2
   exit 3
 fi
-total=$((10#${marker##*-of-}))
+of=${marker##*-of-}
 missing=()
-for ((i = 0; i < total; i++)); do
+for ((i = 0; i < 10#$of; i++)); do
   n=$(printf %02d "$i")
-  [ -e "$W/pdperf-chunk-$n-of-$(printf %02d "$total")" ] || missing+=("c$n")
+  [ -e "$W/pdperf-chunk-$n-of-$of" ] || missing+=("c$n")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "gpu-install: chunk(s) ${missing[*]} missing in $W (their copy call failed, e.g. no machine yet): resend" \

@@ -178,10 +178,11 @@ case $step in
 12)
   # the kept application of an earlier step (adopted, no start-up), only the points named in POINTS
   target=${TARGET:?step 12 needs TARGET=<topology> (and POINTS, a -k expression such as 'c16 or c64')}
-  log "running: [$(running_apps)]; gating $target: ${POINTS:-all points}"
+  running=$(running_apps)
+  log "running: [$running]; gating $target: ${POINTS:-all points}"
   # not kept by an earlier step: deploy it alone on a fresh head (the ninth session's step 12 deployed
   # colloc-1xtp2 beside step 13's PD and TP1 apps, whose 3 GPUs left its placement group waiting 360 s)
-  case " $(running_apps) " in *" $target "*) ;; *) log "$target is not running: a fresh head"
+  case " $running " in *" $target "*) ;; *) log "$target is not running: a fresh head"
     scripts/gpu-testmachine.sh --stop ;; esac
   suite "ray-adopted-$target" 520 -m sweep --topology "$target" "${common[@]}" --deploy-timeout 360 \
     --record-missing-baselines -k "${POINTS:-c}"

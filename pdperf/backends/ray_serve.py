@@ -296,7 +296,7 @@ def _actor_log_tail(actor: dict[str, Any], n: int) -> str:
     if not pid:  # PENDING_CREATION: never scheduled (no resources), so no process and no log
         return f"(no log: the replica has no process yet, state {actor.get('State')})"
     logs_dir = compat.local_logs_dir()
-    log_file = ray_worker_log(Path(logs_dir), pid) if logs_dir and pid else None
+    log_file = ray_worker_log(Path(logs_dir), pid) if logs_dir else None
     if log_file is not None:
         return tail_file(log_file, n)
     try:
@@ -358,6 +358,9 @@ class RayServeDeployment(Deployment):
         except Exception as e:  # noqa: BLE001 - a point is still measured; the record says it is unknown
             log.warning("topology %s: could not list Serve applications: %s", self.topology.name, e)
             return ["(unknown)"]
+        return self._others(apps)
+
+    def _others(self, apps: dict[str, Any]) -> list[str]:
         return sorted(n for n, a in apps.items() if n != self.app and not str(a.status).endswith("DELETING"))
 
     def log_tail(self, n: int = 40) -> str:
@@ -373,7 +376,8 @@ class RayServeDeployment(Deployment):
     def _status_text(self) -> str:
         from ray import serve
 
-        st = serve.status().applications.get(self.app)
+        apps = serve.status().applications
+        st = apps.get(self.app)
         if st is None:
             return "application not yet known to Serve"
         parts = [f"app {st.status.value}" + (f" ({st.message})" if st.message else "")]
@@ -386,7 +390,7 @@ class RayServeDeployment(Deployment):
         except Exception:  # noqa: BLE001 - a status line must not fail the wait it describes
             pending = []
         if pending:
-            parts.append(_pending_note(pending, self.neighbours()))
+            parts.append(_pending_note(pending, self._others(apps)))
         return "; ".join(parts)
 
     # -- lifecycle -----------------------------------------------------------------------------
