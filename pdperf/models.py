@@ -10,6 +10,16 @@ depends on a model's shapes, not its weight values. So:
   real shapes plus the same locally trained tokenizer, no weights; serve them with
   ``load_format: dummy`` (vLLM fills random weights).
 
+A tokenizer must have text for every id the model can emit, as a real model's does. The
+trained vocabulary has 8192 tokens; a GPU shape's model emits ids up to 128256 or 201088. An id
+without text sends vLLM's incremental detokenizer (tokenizers' ``DecodeStream``) down a path
+that re-decodes the pending ids on every step: ~170 us a token against ~2 us (measured on this
+CPU, ``benchmarks/side_by_side.py --detokenizer-cost``), all of it in the one API-server process.
+With greedy sampling on dummy weights nearly every id is such an id, and at a few thousand
+tokens a second that process saturates and slows the server it should only describe. So the
+vocabulary is padded to the model's ``vocab_size`` with filler tokens: plain-text words that
+merges never produce (prompts encode as before) but that decode like any other token.
+
 A model folder lives at ``.models/<name>-<hash>/`` where the hash covers every input of the
 build (builder version, config, tokenizer corpus recipe); a changed input builds a new
 folder, an unchanged one is reused. Builds are atomic (temp folder + rename) and guarded
@@ -114,18 +124,60 @@ def _corpus_paths() -> list[Path]:
     return paths
 
 
+def _padded_vocab(config: dict[str, Any]) -> int | None:
+    """The vocabulary size the tokenizer is padded to, or None when the trained one covers the model."""
+    vocab = config.get("vocab_size")
+    return vocab if isinstance(vocab, int) and vocab > TOKENIZER_VOCAB else None
+
+
 def _build_hash(name: str) -> str:
     spec = MODELS[name]
     h = hashlib.sha256()
-    h.update(json.dumps({"builder": BUILDER_VERSION, "spec": spec, "vocab": TOKENIZER_VOCAB,
-                         "corpus": list(_CORPUS_FILES), "special": SPECIAL_TOKENS,
-                         "chat": CHAT_TEMPLATE}, sort_keys=True).encode())
+    recipe: dict[str, Any] = {"builder": BUILDER_VERSION, "spec": spec, "vocab": TOKENIZER_VOCAB,
+                              "corpus": list(_CORPUS_FILES), "special": SPECIAL_TOKENS, "chat": CHAT_TEMPLATE}
+    pad = _padded_vocab(spec["config"])
+    if pad is not None:  # only then: the tiny model's folder (and the CPU baselines' model) stays the same
+        recipe["tokenizer_padded_to"] = pad
+    h.update(json.dumps(recipe, sort_keys=True).encode())
     for p in _corpus_paths():
         h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()[:12]
 
 
-def _write_tokenizer(dest: Path) -> None:
+def _filler_tokens(existing: dict[str, int], count: int) -> list[str]:
+    """``count`` byte-level token strings that are not in ``existing``: "Ġ" (a space) + letters.
+
+    Each decodes to a space and ASCII letters, so every padded id has text. No merge builds
+    them, so encoding a prompt never produces one.
+    """
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    out: list[str] = []
+    n = 0
+    while len(out) < count:
+        k, word = n, ""
+        while True:
+            k, r = divmod(k, 26)
+            word += letters[r]
+            if k == 0:
+                break
+        n += 1
+        tok = "\u0120" + "zq" + word  # "zq..." keeps fillers apart from trained words
+        if tok not in existing:
+            out.append(tok)
+    return out
+
+
+def pad_tokenizer_json(data: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """A tokenizer.json whose BPE vocabulary is padded with filler tokens to ``vocab_size`` ids."""
+    vocab: dict[str, int] = data["model"]["vocab"]
+    used = set(vocab.values()) | {int(t["id"]) for t in data.get("added_tokens") or []}
+    free = [i for i in range(vocab_size) if i not in used]
+    for tok, tid in zip(_filler_tokens(vocab, len(free)), free):
+        vocab[tok] = tid
+    return data
+
+
+def _write_tokenizer(dest: Path, pad_to: int | None = None) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
@@ -138,6 +190,9 @@ def _write_tokenizer(dest: Path) -> None:
         single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
         special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
     tok.save(str(dest / "tokenizer.json"))
+    if pad_to is not None:
+        path = dest / "tokenizer.json"
+        path.write_text(json.dumps(pad_tokenizer_json(json.loads(path.read_text()), pad_to)))
     (dest / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
         "eos_token": "<|end_of_text|>", "pad_token": "<|pad|>", "add_bos_token": True,
@@ -186,7 +241,7 @@ def ensure_model(name_or_path: str, cache: Path = DEFAULT_CACHE) -> Path:
             spec = MODELS[name_or_path]
             config = dict(spec["config"])
             (tmp / "config.json").write_text(json.dumps(config, indent=1))
-            _write_tokenizer(tmp)
+            _write_tokenizer(tmp, _padded_vocab(config))
             if spec["weights"]:
                 _write_weights(tmp, config)
                 (tmp / "config.json").write_text(json.dumps(config, indent=1))
@@ -212,9 +267,8 @@ def check_model_folder(p: Path) -> Path:
 
 
 def tokenizer_covers_vocab(path: Path | str | None) -> bool:
-    """Whether every token id the model can emit has text in its tokenizer. The GPU shapes (Llama-3.1-8B,
-    vocab 128256) come with the small local tokenizer: random weights mostly pick ids it has no text
-    for, so a correct stream of 16 tokens can decode to "" (seen on 4x H100). True when unknown."""
+    """Whether every token id the model can emit has text in its tokenizer (a user's folder may pair a
+    model with a smaller tokenizer; the built ones are padded). True when unknown."""
     if path is None:
         return True
     try:

@@ -12,7 +12,7 @@ import pytest
 
 from pdperf import models
 from pdperf.errors import ModelError
-from pdperf.models import MODELS, check_model_folder, ensure_model, has_weights, model_path
+from pdperf.models import MODELS, check_model_folder, ensure_model, has_weights, model_path, tokenizer_covers_vocab
 
 pytestmark = pytest.mark.selftest
 
@@ -121,11 +121,26 @@ def test_unknown_model_key_lists_the_known_ones(cache):
     assert "tiny-llama" in str(e.value) and "llama-3.1-8b" in str(e.value)
 
 
-def test_tokenizer_covers_vocab_only_for_the_tiny_model(tiny, cache):
-    """The GPU shapes keep the small local tokenizer: their random ids may have no text (smoke skips "text")."""
+def test_gpu_shapes_tokenizer_has_text_for_every_id(tiny, cache):
+    """An id without text costs vLLM's detokenizer ~100x a normal one (pdperf/models.py): the GPU
+    shapes' tokenizer is padded to the model's vocabulary, and prompts still encode as before."""
+    from tokenizers import Tokenizer
+
     from pdperf.models import tokenizer_covers_vocab
 
     assert tokenizer_covers_vocab(tiny)
     big = ensure_model("llama-3.1-8b", cache)
-    assert not tokenizer_covers_vocab(big)
+    assert tokenizer_covers_vocab(big)
+    tok, small = Tokenizer.from_file(str(big / "tokenizer.json")), Tokenizer.from_file(str(tiny / "tokenizer.json"))
+    assert tok.get_vocab_size() == 128256
+    assert tok.decode([127000, 128255]).strip() and tok.decode([100000]).startswith(" zq")
+    text = "def main(argv: list[str]) -> int:\n    return 0  # a line of Python"
+    assert tok.encode(text).ids == small.encode(text).ids
     assert tokenizer_covers_vocab(None) and tokenizer_covers_vocab(cache / "missing")
+
+
+def test_tokenizer_covers_vocab_sees_a_short_tokenizer(tiny, tmp_path):
+    cfg = json.loads((tiny / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "vocab_size": 128256}))
+    (tmp_path / "tokenizer.json").write_text((tiny / "tokenizer.json").read_text())
+    assert not tokenizer_covers_vocab(tmp_path)
