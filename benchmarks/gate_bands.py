@@ -2,7 +2,7 @@
 
 On 4x H100 (eager engines, Ray Serve LLM) fresh deployments of unchanged code decoded
 `colloc-2xtp1` c4 at TPOT p50 18.9, 22.2, 24.4 and 22.8 ms, and a re-measurement on the slow
-deployment stayed slow (docs/EXPERIMENTS.md, seventh session): the spread comes per
+deployment stayed slow (benchmarks/results/gpu-runs/SESSION-LOG.md, seventh session): the spread comes per
 deployment, so re-measuring (``--confirm-regressions``) does not remove it. This simulates
 points with that structure — each request's TPOT lognormal around 19 ms (sigma 0.1); each
 deployment, with probability ``--slow-deploy-prob``, runs at a pace factor drawn uniformly in

@@ -2,7 +2,7 @@
 
 On 4x H100 (eager engines, Ray Serve LLM) one deployment measured twice minutes apart gave TPOT
 p50 22.2 and 18.9 ms at c4: in the first run about a third of the requests decoded at ~33 ms per
-token instead of ~20, with GPU clocks at their maximum (docs/EXPERIMENTS.md, sixth session); a PD
+token instead of ~20, with GPU clocks at their maximum (benchmarks/results/gpu-runs/SESSION-LOG.md, sixth session); a PD
 point of the fifth session stepped from 19-22 to 31-32 ms the same way. Such slow stretches come
 per run, not per request, so no per-request statistic of one run can see them as noise. This
 simulates runs with that structure — each request's TPOT lognormal around 19 ms (sigma 0.1, the

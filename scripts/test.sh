@@ -5,7 +5,7 @@
 #      (--max-alive 1): on 2 cores an idle PD engine's NIXL progress thread spins a core and
 #      would be measured as part of every other topology's latency;
 # scripts/test-backends.sh runs the smoke tier through the other two backends (plain `vllm serve`
-# + proxy, and an external URL); it is not in CI yet (see docs/EXPERIMENTS.md: the no-Ray PD
+# + proxy, and an external URL); it is not in CI yet (see benchmarks/results/gpu-runs/SESSION-LOG.md: the no-Ray PD
 # path on 2 cores decodes at ~1.5 tokens/s with KV lease expiries).
 # Every pytest run writes its own report folder under reports/.
 set -euo pipefail

@@ -3,7 +3,7 @@ where they ran, and the CPU the hypervisor took.
 
 Why: on 4x H100 with eager engines a point's decode pace stepped from ~20 to ~33 ms per token
 for a third of its requests, in a collocated run and in a PD run, while the GPUs' clocks stayed
-at their maximum (docs/EXPERIMENTS.md, fifth and sixth sessions). Eager engines launch every
+at their maximum (benchmarks/results/gpu-runs/SESSION-LOG.md, fifth and sixth sessions). Eager engines launch every
 kernel from Python, so an engine whose threads sit runnable but without a CPU decodes slower
 with the GPU waiting: the next suspect, and nothing recorded it. A point now keeps, per serving
 process on the client's host, its CPU time (``/proc/<pid>/stat``: user + system of all its

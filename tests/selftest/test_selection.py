@@ -212,7 +212,7 @@ def test_repo_sweep_ids_are_unique_and_carry_coordinates(nodes):
 
 def test_repo_cpu_sweep_gates_collocated_only_and_not_the_smoke_workload():
     # PD on 2 CPU cores runs ~6 min a point: CI's gated CPU sweeps cover the collocated topology;
-    # PD is covered on CPU by the smoke tier (docs/EXPERIMENTS.md).
+    # PD is covered on CPU by the smoke tier (benchmarks/results/gpu-runs/SESSION-LOG.md).
     ctx = repo_ctx(CPU_ONLY)
     cases = ctx.sweep_cases()
     assert cases and all(c.id.startswith("cpu-colloc-1xtp1/") for c in cases)
