@@ -20,7 +20,7 @@ here by a strict pydantic model so a typo is an error naming the file and the ke
 A point's baseline can hold several recorded runs, its *band* (``runs``: each run's statistics;
 ``--add-baseline-runs``, ``pdperf baseline add-run``): on 4x H100 a fresh deployment of unchanged
 code decoded c4 at 18.9 or 24.4 ms per token (TPOT p50; x1.29), beyond the +15% limit, while each
-run's own requests agreed closely (docs/EXPERIMENTS.md, seventh session). The spread between
+run's own requests agreed closely (benchmarks/results/gpu-runs/SESSION-LOG.md, seventh session). The spread between
 deployments is not in one run's samples, so no within-run test can know it. With two or more
 runs, a change's size is measured from the band's worst run (a regression) or best run (an
 improvement) instead of from the first run; its significance still from the first run's samples.
@@ -63,9 +63,10 @@ RUN_STATISTICS = ("mean", "p50", "p90", "p95", "p99")
 #: Runs a band keeps: the first (whose samples are stored) and the latest others.
 MAX_BAND_RUNS = 8
 #: Environment keys that make a run another configuration, not another run of the same one: a
-#: band refuses a run that differs from its baseline in one of them (absent = none, except
-#: ``model``, recorded only since bands exist: absent there = unknown).
-BAND_CONFIG_KEYS = ("engine_overrides", "co_resident", "topology_kind", "model")
+#: band refuses a run that differs from its baseline in one of them (absent = none, except the
+#: keys recorded only later, where absent = unknown: UNKNOWN_WHEN_ABSENT).
+BAND_CONFIG_KEYS = ("engine_overrides", "co_resident", "topology_kind", "model", "engine_mode", "request_options")
+UNKNOWN_WHEN_ABSENT = ("model", "engine_mode", "request_options")
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9._\-]*$")
 _LOCK_TIMEOUT_S = 60.0
 
@@ -375,7 +376,7 @@ def band_mismatch(entry: dict[str, Any], result: PointResult) -> str | None:
     old_env, new_env = entry.get("environment") or {}, result.environment or {}
     for key in BAND_CONFIG_KEYS:
         a, b = old_env.get(key) or "", new_env.get(key) or ""
-        if key == "model" and not (a and b):
+        if key in UNKNOWN_WHEN_ABSENT and not (a and b):
             continue
         if a != b:
             return f"{key} '{b or '(none)'}' differs from the baseline's '{a or '(none)'}'"
@@ -495,6 +496,8 @@ FLAG_ADVICE = {
                              "server's?): check --tokenizer / the model.",
     "telemetry_counter_reset": "A server metrics counter went backwards (an engine restarted): re-run.",
     "telemetry_scrape_failed": "The server's /metrics could not be read: check metrics_urls and re-run.",
+    "requests_failed": "Requests failed during the point (the verdict names how many and why): a baseline must "
+                       "come from a point where every request succeeded; fix the cause and re-run.",
 }
 
 

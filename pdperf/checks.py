@@ -1,6 +1,10 @@
 """Verdicts on a measured point: SLOs, the baseline gate, and when a sweep should stop.
 
-A point passes when every SLO holds and the baseline gate finds no regression. A gate that
+A point whose failed requests exceed its workload's error budget (default 0) is *errored*: it
+fails, its first line says how many requests failed and why, and it gets no performance
+verdict, because the survivors of a failing server are not a sample of its speed (a point
+with 49 of 60 requests failed once passed the gate on its 11 survivors). A point passes when
+every SLO holds and the baseline gate finds no regression. A gate that
 cannot judge (no baseline for this hardware, a different hardware fingerprint, too few
 samples) is not a pass and not a failure: the test says why it could not compare. Sweeps
 stop after the SLO failed at N consecutive points (default 2): higher load will not help,
@@ -17,6 +21,9 @@ from pdperf.baselines import GateResult, Thresholds, gate_point
 from pdperf.results import PointResult
 
 
+RESTART_FLAG = "replica_restart_during_load"
+
+
 @dataclass
 class Verdict:
     test_id: str
@@ -24,13 +31,39 @@ class Verdict:
     slo: list[dict[str, Any]] = field(default_factory=list)
     gate: GateResult | None = None
     flags: list[str] = field(default_factory=list)
+    requests: int = 0
+    failed: int = 0
+    error_budget: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)
+    error_examples: dict[str, str] = field(default_factory=dict)
 
     @property
     def gate_status(self) -> str | None:
         return self.gate.status if self.gate else None
 
+    @property
+    def errored(self) -> bool:
+        """More requests failed than the error budget allows (any failure, with the default budget of 0)."""
+        return self.failed > self.error_budget * self.requests
+
+    def error_message(self) -> str | None:
+        """``49 of 60 requests failed (error budget 0): 48 http_5xx (HTTP 503: ...); 1 stream (...)``."""
+        if not self.failed:
+            return None
+        causes = "; ".join(f"{n} {kind}" + (f" ({self.error_examples[kind][:160]})" if kind in self.error_examples else "")
+                           for kind, n in sorted(self.errors.items(), key=lambda kv: -kv[1]))
+        budget = f"error budget {self.error_budget:g}" + (f" = {int(self.error_budget * self.requests)} requests"
+                                                          if self.error_budget else "")
+        text = f"{self.failed} of {self.requests} requests failed ({budget}): {causes}"
+        restarts = [f.split(":", 1)[1] for f in self.flags if f.startswith(RESTART_FLAG + ":")]
+        if restarts:
+            text += f"; a serving replica restarted during the point ({restarts[0]} restart(s): an engine died)"
+        return text
+
     def failure_message(self) -> str | None:
         parts = []
+        if self.errored:
+            parts.append(f"errored, no performance verdict: {self.error_message()}")
         if self.slo_failures:
             parts.append("SLO missed: " + "; ".join(self.slo_failures))
         if self.gate and self.gate.status == "regressed":
@@ -38,6 +71,8 @@ class Verdict:
         return " | ".join(parts) or None
 
     def skip_message(self) -> str | None:
+        if self.errored:
+            return None
         if self.gate and self.gate.status in ("incomparable", "missing", "insufficient"):
             return f"SLOs met; baseline gate not applied: {self.gate.message()}"
         return None
@@ -48,7 +83,12 @@ def slo_failures(result: PointResult) -> list[str]:
     for s in result.summary.get("slos", []):
         if not s.get("passed"):
             obs = s.get("observed")
-            out.append(f"{s['slo']} observed {obs:.1f}" if isinstance(obs, (int, float)) else f"{s['slo']} (no samples)")
+            if isinstance(obs, (int, float)):
+                out.append(f"{s['slo']} observed {obs:.1f}")
+            elif s.get("failed_requests"):
+                out.append(f"{s['slo']} (unbounded: {s['failed_requests']} failed requests reach the percentile)")
+            else:
+                out.append(f"{s['slo']} (no samples)")
     return out
 
 
@@ -57,10 +97,14 @@ def judge(result: PointResult, *, test_id: str, baselines_root: Path, thresholds
           confirm_attempts: int = 0) -> Verdict:
     """SLOs of ``result``, and (``gate``) the baseline gate; a regression is confirmed by
     re-measuring when ``remeasure`` is given (confirm_regression). The SLOs judge the first
-    measurement alone."""
-    v = Verdict(test_id=test_id, slo=list(result.summary.get("slos", [])), flags=list(result.flags))
+    measurement alone. An errored point (failed requests over its error budget) is not gated."""
+    s = result.summary
+    v = Verdict(test_id=test_id, slo=list(s.get("slos", [])), flags=list(result.flags),
+                requests=int(s.get("requests", 0)), failed=int(s.get("requests_failed", 0)),
+                error_budget=float(s.get("error_budget", 0.0)), errors=dict(s.get("errors", {})),
+                error_examples=dict(s.get("error_examples", {})))
     v.slo_failures = slo_failures(result)
-    if gate:
+    if gate and not v.errored:
         v.gate = gate_point(baselines_root, result, thresholds)
         if remeasure is not None:
             v.gate = confirm_regression(v.gate, remeasure, lambda again: gate_point(baselines_root, again, thresholds),

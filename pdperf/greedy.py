@@ -38,7 +38,7 @@ def greedy_tokens(base_url: str, model: str, prompt: str, max_tokens: int, *,
     ``return_tokens_as_token_ids`` with ``logprobs: 2`` names every sampled token as
     ``token_id:N`` with its runners-up. Raises RuntimeError (with the server's answer) when the
     request fails or names no ids."""
-    body = build_body(model=model, prompt=prompt, max_tokens=max_tokens,
+    body = build_body(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
                       extra={"logprobs": 2, "return_tokens_as_token_ids": True})
     req = urllib.request.Request(endpoint_url(base_url, "completions"), data=body,
                                  headers={"Content-Type": "application/json", "Accept": "text/event-stream"})

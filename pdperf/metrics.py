@@ -174,34 +174,61 @@ def meets(r: RequestRecord, slos: Sequence) -> bool:
     return True
 
 
+def slo_observed(measured: Sequence[RequestRecord], metric: str, percentile: float) -> float | None:
+    """The SLO's percentile over every measured request, a failed one counted as missing any bound.
+
+    Why not the survivors alone: 49 failed requests out of 60 leave 11 fast ones whose p99
+    meets any SLO. A failed request is a sample at +inf (one per request, also for per-gap
+    metrics), so the percentile is infinite as soon as failures reach its tail; None then, and
+    when there are no samples at all.
+    """
+    vals = samples(measured, metric)
+    failed = sum(1 for r in measured if not r.ok) if metric != "queue_ms" else 0
+    if not failed:
+        return float(np.percentile(vals, percentile)) if len(vals) else None
+    ordered = np.sort(vals)  # the failures sort after every sample: indices past the end are +inf
+    n = len(ordered) + failed
+    pos = percentile / 100.0 * (n - 1)  # numpy's linear interpolation, with +inf where it lands on a failure
+    lo, frac = int(np.floor(pos)), pos - np.floor(pos)
+    if lo >= len(ordered) or (frac > 0 and lo + 1 >= len(ordered)):
+        return None
+    return float(ordered[lo] + (ordered[lo + 1] - ordered[lo]) * frac) if frac > 0 else float(ordered[lo])
+
+
 def summarize(records: Sequence[RequestRecord], *, duration_s: float, gpus: int = 0,
               slos: Sequence = ()) -> dict:
     """The point's summary: distributions, throughput, goodput, SLO verdicts, errors."""
     measured = [r for r in records if not r.warmup]
     good = [r for r in measured if r.ok]
     errors: dict[str, int] = {}
+    examples: dict[str, str] = {}
     for r in measured:
         if not r.ok:
             kind = r.error or "incomplete"
             errors[kind] = errors.get(kind, 0) + 1
+            if kind not in examples and r.error_detail:
+                examples[kind] = r.error_detail
     dur = max(duration_s, 1e-9)
     out_tok = sum(r.output_tokens for r in good)
     in_tok = sum(r.input_tokens for r in good)
     dists = {m: describe(samples(measured, m)).to_dict() for m in LATENCY_METRICS}
     meeting = sum(1 for r in good if meets(r, slos)) if slos else len(good)
     slo_results = []
+    n_failed = len(measured) - len(good)
     for slo in slos:
-        observed = dists[slo.metric].get(pkey(slo.percentile))
-        if observed is None and dists[slo.metric]["n"]:
-            observed = float(np.percentile(samples(measured, slo.metric), slo.percentile))
-        slo_results.append({"slo": str(slo), "metric": slo.metric, "percentile": slo.percentile,
-                            "bound": slo.bound, "observed": observed,
-                            "passed": observed is not None and observed <= slo.bound})
+        observed = slo_observed(measured, slo.metric, slo.percentile)
+        entry = {"slo": str(slo), "metric": slo.metric, "percentile": slo.percentile,
+                 "bound": slo.bound, "observed": observed,
+                 "passed": observed is not None and observed <= slo.bound}
+        if observed is None and n_failed and slo.metric != "queue_ms":
+            entry["failed_requests"] = n_failed  # the failures alone decide it (their latency is unbounded)
+        slo_results.append(entry)
     return {
         "requests": len(measured),
         "requests_ok": len(good),
         "requests_failed": len(measured) - len(good),
         "errors": errors,
+        "error_examples": examples,
         "duration_s": duration_s,
         "metrics": dists,
         "throughput": {

@@ -192,6 +192,15 @@ class Workload(_Strict):
     topologies: list[str] = Field(default_factory=lambda: ["*"],
                                   description="topology name patterns this workload sweeps (default all of its device)")
     request_timeout_s: float = Field(600.0, gt=0)
+    error_budget: float = Field(
+        0.0, ge=0, lt=1, description="share of a point's measured requests that may fail; above it the point is "
+                                     "errored and fails without a performance verdict (default 0: any failure)")
+    temperature: float | None = Field(
+        None, ge=0, description="sampling temperature sent with every request; unset: the server's default, "
+                                "as vllm bench serve sends")
+    per_chunk_usage: bool = Field(
+        False, description="ask for usage in every streamed chunk (continuous_usage_stats): exact tokens per chunk "
+                           "even when the server merges tokens, at some server CPU per chunk")
 
     @field_validator("slos", mode="before")
     @classmethod

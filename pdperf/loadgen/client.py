@@ -6,10 +6,18 @@ Why it is written this way:
   model wanted it sent (open loop: its arrival time; closed loop: the moment a worker slot
   became free). Time spent behind the concurrency cap or behind a late event loop shows up
   as ``queue_ms`` and inside TTFT/E2E, instead of being hidden (vLLM issue 54101).
-- **Tokens come from the server's usage, not from chunk counts.** A chunk can carry several
-  tokens. With ``stream_options.continuous_usage_stats`` every chunk carries the running
-  ``completion_tokens``; its delta is the chunk's token count. Servers that only send a final
-  usage get the rule in :meth:`StreamAccumulator.finish` (documented in docs/METHODOLOGY.md).
+- **The request is the peer's request.** The body carries what ``vllm bench serve`` sends
+  (prompt, ``max_tokens``, ``ignore_eos``, ``stream_options.include_usage``) and nothing that
+  costs the server time: no ``temperature`` unless the workload names one (the server's
+  default, as ``vllm bench serve`` since it stopped forcing greedy), no per-chunk usage unless
+  the workload asks for it (``per_chunk_usage``: ~2.5 us more of the API server's CPU per
+  chunk, measured on this CPU). docs/METHODOLOGY.md "Same load, same server" has the A/B runs.
+- **Tokens come from the server's usage, not from guesses.** vLLM sends one chunk per engine
+  step per request; a chunk can still carry several tokens when the server's handler falls
+  behind. The final ``usage.completion_tokens`` is checked against the token-bearing chunks:
+  equal (the rule under load too, measured) means one token each, exact; otherwise the rest
+  is spread and the record says so (:meth:`StreamAccumulator.finish`). With per-chunk usage
+  every chunk's ``completion_tokens`` delta is its count.
 - **Cheap per event.** One ``aiohttp.ClientSession`` (connector without a limit, so the
   load model and not the connector decides concurrency), request bodies serialised before
   the clock starts, one ``perf_counter()`` per socket read (every event in one read arrived
@@ -44,7 +52,8 @@ _DONE = b"[DONE]"
 
 # How a request's output tokens were counted (see StreamAccumulator.finish).
 ACCOUNTING_CONTINUOUS = "continuous_usage"  # per-chunk completion_tokens deltas
-ACCOUNTING_FINAL = "final_usage"  # one final usage; remainder spread over chunks
+ACCOUNTING_FINAL_EXACT = "final_usage_exact"  # final usage == token-bearing chunks: one token each
+ACCOUNTING_FINAL = "final_usage"  # final usage != chunks: the remainder spread over chunks (estimate)
 ACCOUNTING_CHUNKS = "chunk_count"  # no usage at all: one token per content chunk (a guess)
 
 
@@ -57,20 +66,25 @@ def endpoint_url(base_url: str, api: Api) -> str:
 
 
 def build_body(*, model: str, prompt: str, max_tokens: int, api: Api = "completions",
+               temperature: float | None = None, per_chunk_usage: bool = False,
                extra: dict[str, Any] | None = None) -> bytes:
     """The JSON body of one streamed request, serialised once, before any clock starts.
 
     ``ignore_eos`` + ``max_tokens`` fix the output length; ``min_tokens`` is never sent
-    because Ray Serve LLM's PD path rejects it (HTTP 400).
+    because Ray Serve LLM's PD path rejects it (HTTP 400). ``temperature`` None leaves
+    sampling to the server's defaults; ``per_chunk_usage`` asks for
+    ``continuous_usage_stats`` (server CPU per chunk; see the module docstring).
     """
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": int(max_tokens),
-        "temperature": 0,
         "ignore_eos": True,
         "stream": True,
-        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        "stream_options": ({"include_usage": True, "continuous_usage_stats": True} if per_chunk_usage
+                           else {"include_usage": True}),
     }
+    if temperature is not None:
+        body["temperature"] = float(temperature)
     if api == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
@@ -91,7 +105,9 @@ class PreparedRequest:
     warmup: bool = False
 
 
-# An event, decoded: (error or None, has choices, text, usage.completion_tokens, usage.prompt_tokens)
+# An event, decoded: (error or None, carries a token, text, usage.completion_tokens, usage.prompt_tokens).
+# A chunk carries a token when it has choices and is not the chat API's role chunk (``delta.role``):
+# vLLM sends one such chunk per engine step per request, also when the token decodes to no text.
 Event = tuple[Any, bool, "str | None", "int | None", "int | None"]
 
 
@@ -108,15 +124,17 @@ def _decode_generic(payload: bytes) -> Event:
         return err, False, None, None, None
     choices = obj.get("choices")
     text = None
+    token = bool(choices)
     if choices:
         ch = choices[0] if isinstance(choices[0], dict) else {}
         text = ch.get("text")
         if text is None:
             delta = ch.get("delta") or {}
             text = delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning")
+            token = delta.get("role") is None
     usage = obj.get("usage") or {}
     ct, pt = usage.get("completion_tokens"), usage.get("prompt_tokens")
-    return None, bool(choices), text, (int(ct) if ct is not None else None), (int(pt) if pt is not None else None)
+    return None, token, text, (int(ct) if ct is not None else None), (int(pt) if pt is not None else None)
 
 
 try:  # msgspec (a vLLM dependency) decodes only the fields read here, ~5x faster than json
@@ -127,6 +145,7 @@ try:  # msgspec (a vLLM dependency) decodes only the fields read here, ~5x faste
         completion_tokens: int | None = None
 
     class _Delta(msgspec.Struct):
+        role: str | None = None
         content: str | None = None
         reasoning_content: str | None = None
         reasoning: str | None = None
@@ -153,16 +172,18 @@ try:  # msgspec (a vLLM dependency) decodes only the fields read here, ~5x faste
             return c.error, False, None, None, None
         choices = c.choices
         text = None
+        token = bool(choices)
         if choices:
             first = choices[0]
             text = first.text
             if text is None and first.delta is not None:
                 d = first.delta
                 text = d.content or d.reasoning_content or d.reasoning
+                token = d.role is None
         u = c.usage
         if u is None:
-            return None, bool(choices), text, None, None
-        return None, bool(choices), text, u.completion_tokens, u.prompt_tokens
+            return None, token, text, None, None
+        return None, token, text, u.completion_tokens, u.prompt_tokens
 
     DECODER_NAME = f"msgspec {msgspec.__version__}"
 except ImportError:
@@ -216,8 +237,9 @@ class StreamAccumulator:
 
     ``feed(data, now_s)`` takes raw body bytes and their arrival time. A chunk is
     *content-bearing* when it carries tokens: with continuous usage, a positive
-    ``completion_tokens`` delta; without usage, non-empty text. Chunks without tokens (the
-    chat role chunk, empty chunks, the final usage chunk) add no timestamp.
+    ``completion_tokens`` delta; otherwise any chunk with choices but the chat role chunk
+    (its text may be empty: a token without text is still a token). Chunks without tokens
+    (the chat role chunk, the final usage chunk) add no timestamp.
     """
 
     __slots__ = ("record", "api", "keep_text", "parser", "text_parts", "last_completion_tokens",
@@ -259,14 +281,14 @@ class StreamAccumulator:
             self.done = True
             return
         try:
-            err, has_choices, text, ct, pt = decode_event(payload)
+            err, carries_token, text, ct, pt = decode_event(payload)
         except ValueError as e:
             self._fail("stream", f"{e}: {payload[:ERROR_DETAIL_CHARS]!r}")
             return
         if err is not None:
             self._fail("stream", f"error event mid-stream: {json.dumps(err, default=str)[:ERROR_DETAIL_CHARS]}")
             return
-        if has_choices:
+        if carries_token:
             if ct is not None:
                 n = ct - self.last_completion_tokens
                 self.last_completion_tokens = ct
@@ -277,10 +299,8 @@ class StreamAccumulator:
                     if text and self.keep_text:
                         self.text_parts.append(text)
                     return
-            elif text:
-                n = 0  # unknown; resolved in finish()
             else:
-                return
+                n = 0  # resolved in finish(): one token, unless the final usage says otherwise
             rec = self.record
             if rec.first_token_s is None:
                 rec.first_token_s = now_s
@@ -303,11 +323,13 @@ class StreamAccumulator:
         """Close the accounting after the body ended (``eof_error``: why it ended early).
 
         Token rule: with continuous usage, each content chunk carries its delta and a larger
-        final ``completion_tokens`` adds the rest to the last chunk. With only a final usage,
-        the first chunk counts 1 token (a prefill emits one) and the remaining tokens are
-        spread evenly over the later chunks (earlier chunks get the extra one when it does not
-        divide). Without any usage, every content chunk counts one token and the record's
-        accounting says ``chunk_count``.
+        final ``completion_tokens`` adds the rest to the last chunk. With only a final usage
+        that equals the number of token-bearing chunks, each chunk held one token (exact,
+        ``final_usage_exact``); when they differ, the first chunk counts 1 token (a prefill
+        emits one) and the remaining tokens are spread evenly over the later chunks (earlier
+        chunks get the extra one when it does not divide; ``final_usage``, an estimate).
+        Without any usage, every content chunk counts one token and the record's accounting
+        says ``chunk_count``.
         """
         rec = self.record
         tokens = rec.chunk_tokens
@@ -324,8 +346,8 @@ class StreamAccumulator:
                     tokens[i] = 1
                     total += 1
         elif self.final_completion_tokens is not None:
-            self.accounting = ACCOUNTING_FINAL
             total = self.final_completion_tokens
+            self.accounting = ACCOUNTING_FINAL_EXACT if total == n_chunks else ACCOUNTING_FINAL
             if n_chunks:
                 tokens[:] = spread_tokens(total, n_chunks)
         else:

@@ -308,8 +308,8 @@ class _WorkerPool:
 # In-process (processes=0)
 # --------------------------------------------------------------------------------------------
 
-async def _run_inprocess(share: Share, window: TelemetryWindow, stop_after_s: float | None, timeout_s: float
-                         ) -> tuple[dict[str, tuple[float, PhaseOutcome]], float]:
+async def _run_inprocess(share: Share, window: TelemetryWindow, stop_after_s: float | None, timeout_s: float,
+                         sampling: bool = True) -> tuple[dict[str, tuple[float, PhaseOutcome]], float]:
     out: dict[str, tuple[float, PhaseOutcome]] = {}
     parent_cpu = 0.0
     async with StreamingClient(share.base_url, api=share.api, timeout_s=share.timeout_s) as client:
@@ -319,7 +319,8 @@ async def _run_inprocess(share: Share, window: TelemetryWindow, stop_after_s: fl
             if phase == "measured":
                 await asyncio.to_thread(window.start)
             client.stats = ClientStats()
-            sampler = asyncio.create_task(_sample_loop(window)) if phase == "measured" and window.active else None
+            sampler = (asyncio.create_task(_sample_loop(window))
+                       if sampling and phase == "measured" and window.active else None)
             lag = LoopLagMonitor(share.lag_interval_s)
             lag.start()
             cpu0 = _thread_cpu_s()
@@ -377,21 +378,29 @@ def prepare_requests(workload: Workload, *, model: str, tokenizer_path: Path, co
     """Warm-up and measured requests with bodies serialised (before any clock starts)."""
     prompts = build_workload_prompts(workload, tokenizer_path, warmup + count, salt=salt)
     reqs = [PreparedRequest(index=i, body=build_body(model=model, prompt=p.text, max_tokens=p.output_tokens,
-                                                     api=workload.api, extra=extra_body),
+                                                     api=workload.api, temperature=workload.temperature,
+                                                     per_chunk_usage=workload.per_chunk_usage, extra=extra_body),
                             input_tokens=p.input_tokens, output_tokens=p.output_tokens, warmup=i < warmup)
             for i, p in enumerate(prompts)]
     return reqs[:warmup], reqs[warmup:]
 
 
+def request_options(workload: Workload) -> dict[str, Any]:
+    """What a point's requests asked of the server beyond the prompt and lengths (recorded with it)."""
+    return {"temperature": workload.temperature, "per_chunk_usage": workload.per_chunk_usage}
+
+
 def run_point(*, base_url: str, model: str, tokenizer_path: Path, workload: Workload, point: float, topology: str,
               gpus: int, metrics_urls: Sequence[str] = (), environment: dict | None = None, processes: int = 1,
-              reset_cache: bool = True, salt: str | None = None, extra_body: dict[str, Any] | None = None
-              ) -> PointResult:
+              reset_cache: bool = True, salt: str | None = None, extra_body: dict[str, Any] | None = None,
+              telemetry_sampling: bool = True) -> PointResult:
     """Run one load point of ``workload`` against ``base_url`` and return its :class:`PointResult`.
 
     ``point`` is a concurrency (closed loop) or a rate in req/s (open loop), per
     ``workload.sweep.kind``. ``processes``: worker processes (0 = in this process).
-    ``metrics_urls``: the engines' ``/metrics`` (loopback or cluster-internal URLs).
+    ``metrics_urls``: the engines' ``/metrics`` (loopback or cluster-internal URLs), scraped
+    before and after the measured phase and, with ``telemetry_sampling``, once a second during it
+    (KV-cache gauges, GPU clocks, host CPU).
     """
     sweep = workload.sweep
     n = sweep.requests_at(point)
@@ -416,7 +425,7 @@ def run_point(*, base_url: str, model: str, tokenizer_path: Path, workload: Work
         loop = _new_loop()
         try:
             phases, parent_cpu = loop.run_until_complete(
-                _run_inprocess(shares[0], window, sweep.max_duration_s, phase_timeout_s))
+                _run_inprocess(shares[0], window, sweep.max_duration_s, phase_timeout_s, telemetry_sampling))
         finally:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
@@ -429,14 +438,16 @@ def run_point(*, base_url: str, model: str, tokenizer_path: Path, workload: Work
                 _, warm_outcomes = pool.run_phase("warmup", None, phase_timeout_s)
             window.start()
             cpu0 = _thread_cpu_s()
-            _, outcomes = pool.run_phase("measured", sweep.max_duration_s, phase_timeout_s, on_idle=window.sample)
+            _, outcomes = pool.run_phase("measured", sweep.max_duration_s, phase_timeout_s,
+                                         on_idle=window.sample if telemetry_sampling else None)
             parent_cpu = _thread_cpu_s() - cpu0
             window.stop()
     return assemble_point(workload=workload, point=point, topology=topology, gpus=gpus, started_at=started_at,
                           warm_outcomes=warm_outcomes, outcomes=outcomes, parent_cpu_s=parent_cpu,
                           processes=processes, telemetry=window.result(), environment=environment or {},
                           extra_client={"salt": salt, "prefix_cache_reset": cache_reset,
-                                        "prompt_build_s": prompt_build_s})
+                                        "prompt_build_s": prompt_build_s,
+                                        "request_options": request_options(workload)})
 
 
 def _phase_timeout_s(shares: Sequence[Share], request_timeout_s: float, max_duration_s: float | None) -> float:
@@ -503,15 +514,20 @@ def assemble_point(*, workload: Workload, point: float, topology: str, gpus: int
         flags.append("output_length_mismatch")
     if stats.input_length_mismatch:
         flags.append("input_length_mismatch")
+    failed = sum(1 for r in measured if not r.ok)
+    if failed:
+        flags.append(f"requests_failed:{failed}")
     if telemetry.get("counter_resets"):
         flags.append("telemetry_counter_reset")
     if telemetry.get("scrape_errors"):
         flags.append("telemetry_scrape_failed")
     sweep = workload.sweep
+    summary = summarize(records, duration_s=duration_s, gpus=gpus, slos=workload.slos)
+    summary["error_budget"] = workload.error_budget
     return PointResult(
         topology=topology, workload=workload.name, point_id=sweep.point_id(point), sweep_kind=sweep.kind,
         point_value=float(point), gpus=gpus, started_at=started_at, duration_s=duration_s, records=records,
-        summary=summarize(records, duration_s=duration_s, gpus=gpus, slos=workload.slos),
+        summary=summary,
         telemetry=telemetry, environment=environment, flags=flags, client=client)
 
 
@@ -571,15 +587,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cache-reset", action="store_true")
     ap.add_argument("--output", type=Path, help="write the PointResult JSON here (atomically)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=None, help="default: the server's (none sent)")
+    ap.add_argument("--per-chunk-usage", action="store_true", help="continuous_usage_stats in every chunk")
+    ap.add_argument("--no-telemetry-sampling", action="store_true",
+                    help="scrape --metrics-url only before and after, not every second during the point")
     args = ap.parse_args(argv)
     kind = "concurrency" if args.concurrency else "rate"
     point = float(args.concurrency or args.rate)
     workload = Workload(name="cli", dataset=args.dataset, isl=args.isl, osl=args.osl, api=args.api, seed=args.seed,
+                        temperature=args.temperature, per_chunk_usage=args.per_chunk_usage,
                         sweep=Sweep(kind=kind, points=[point], requests_per_point=args.requests,
                                     warmup_requests=args.warmup, max_concurrency=args.max_concurrency))
     result = run_point(base_url=args.base_url, model=args.model, tokenizer_path=args.tokenizer, workload=workload,
                        point=point, topology="cli", gpus=0, metrics_urls=args.metrics_url, processes=args.processes,
-                       reset_cache=not args.no_cache_reset)
+                       reset_cache=not args.no_cache_reset, telemetry_sampling=not args.no_telemetry_sampling)
     if args.output:
         save_point(args.output, result)
     m = result.summary["metrics"]

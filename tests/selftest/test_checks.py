@@ -48,9 +48,69 @@ def test_missed_slo_names_the_slo_and_the_observed_value():
     assert slo_failures(result) == ["p99_ttft_ms <= 150 observed 200.0"]
 
 
-def test_slo_with_no_samples_is_a_failure():
+def test_slo_with_only_failed_requests_is_a_failure():
     result = point([record(i, 0, error="http_5xx") for i in range(3)], ["p99_ttft_ms <= 500"])
-    assert slo_failures(result) == ["p99_ttft_ms <= 500 (no samples)"]
+    assert slo_failures(result) == ["p99_ttft_ms <= 500 (unbounded: 3 failed requests reach the percentile)"]
+
+
+def test_slo_with_no_requests_is_a_failure():
+    assert slo_failures(point([], ["p99_ttft_ms <= 500"])) == ["p99_ttft_ms <= 500 (no samples)"]
+
+
+def test_slo_counts_failed_requests_as_missing_it():
+    """The issue-24 case: 11 fast survivors of 60 must not meet a p99 SLO."""
+    records = [record(i, 100.0) for i in range(11)] + [record(11 + i, 0, error="http_5xx") for i in range(49)]
+    assert slo_failures(point(records, ["p99_ttft_ms <= 5000"])) == [
+        "p99_ttft_ms <= 5000 (unbounded: 49 failed requests reach the percentile)"]
+    # one failure in 200 stays below p99's tail: the percentile of the rest, failure included as +inf
+    records = [record(i, 100.0 + i) for i in range(199)] + [record(199, 0, error="timeout")]
+    s = point(records, ["p99_ttft_ms <= 5000"]).summary["slos"][0]
+    # 200 samples, the last +inf: p99 sits at index 197.01, between the two slowest survivors
+    assert s["passed"] and s["observed"] == pytest.approx(100.0 + 197 + 0.01)
+
+
+def errored_point(failed: int, total: int = 60, budget: float = 0.0, flags: list[str] | None = None,
+                  slo: str = "p99_ttft_ms <= 5000") -> PointResult:
+    records = [record(i, 100.0) for i in range(total - failed)]
+    records += [RequestRecord(index=total - failed + i, scheduled_s=0.0, sent_s=0.0, error="http_5xx",
+                              error_detail="HTTP 503: Service Unavailable") for i in range(failed - 1)]
+    if failed:
+        records.append(RequestRecord(index=total - 1, scheduled_s=0.0, sent_s=0.0, error="stream",
+                                     error_detail="connection dropped mid-stream"))
+    r = point(records, [slo])
+    r.summary["error_budget"] = budget
+    r.flags = list(flags or [])
+    return r
+
+
+def test_point_with_failed_requests_is_errored_and_not_gated(tmp_path):
+    v = judge(errored_point(49, flags=["replica_restart_during_load:1"]), test_id="t", baselines_root=tmp_path,
+              thresholds=load_thresholds(), gate=True)
+    assert v.errored and v.gate is None and v.skip_message() is None
+    msg = v.failure_message()
+    assert msg.startswith("errored, no performance verdict: 49 of 60 requests failed (error budget 0): "
+                          "48 http_5xx (HTTP 503: Service Unavailable); 1 stream (connection dropped mid-stream)")
+    assert "a serving replica restarted during the point (1 restart(s)" in msg
+
+
+def test_one_failed_request_errors_a_point_by_default(tmp_path):
+    v = judge(errored_point(1), test_id="t", baselines_root=tmp_path, thresholds=load_thresholds(), gate=False)
+    assert v.errored and "1 of 60 requests failed" in v.failure_message()
+
+
+def test_error_budget_admits_failures_up_to_it(tmp_path):
+    """Within the budget the point is judged, its failures still counted in every SLO's percentile:
+    3 failures of 60 miss a p99 SLO (they are its tail), not a p90 one."""
+    within = judge(errored_point(3, budget=0.05, slo="p90_ttft_ms <= 5000"), test_id="t", baselines_root=tmp_path,
+                   thresholds=load_thresholds(), gate=False)
+    assert not within.errored and within.failure_message() is None
+    p99 = judge(errored_point(3, budget=0.05), test_id="t", baselines_root=tmp_path,
+                thresholds=load_thresholds(), gate=False)
+    assert not p99.errored and p99.failure_message().startswith("SLO missed: p99_ttft_ms <= 5000 (unbounded")
+    assert within.error_message().startswith("3 of 60 requests failed (error budget 0.05 = 3 requests)")
+    over = judge(errored_point(4, budget=0.05), test_id="t", baselines_root=tmp_path,
+                 thresholds=load_thresholds(), gate=False)
+    assert over.errored
 
 
 def test_no_slos_no_failures():

@@ -39,9 +39,19 @@ async def send_one(behavior: StubBehavior, *, timeout_s: float = 5.0, api: str =
             return rec, client
 
 
+def per_chunk_reqs(n: int, max_tokens: int = 4, api: str = "completions") -> list[PreparedRequest]:
+    body = build_body(model="stub-model", prompt="one two three", max_tokens=max_tokens, api=api,  # type: ignore[arg-type]
+                      per_chunk_usage=True)
+    return [PreparedRequest(index=i, body=body, input_tokens=3, output_tokens=max_tokens) for i in range(n)]
+
+
 @pytest.mark.parametrize("api", ["completions", "chat"])
-def test_ok_request_counts_tokens_from_usage(api):
-    rec, client = asyncio.run(send_one(StubBehavior(tokens_per_chunk=3), api=api, max_tokens=7))
+def test_ok_request_counts_tokens_from_per_chunk_usage(api):
+    async def go():
+        async with StubOpenAIServer(StubBehavior(tokens_per_chunk=3)) as stub:
+            async with StreamingClient(stub.url, api=api, timeout_s=5.0, keep_text=True) as client:  # type: ignore[arg-type]
+                return await client.send(per_chunk_reqs(1, 7, api)[0], time.perf_counter()), client
+    rec, client = asyncio.run(go())
     assert rec.ok, rec.error_detail
     assert rec.output_tokens == 7 and rec.chunk_tokens == [3, 3, 1]
     assert rec.input_tokens == 3
@@ -57,6 +67,14 @@ def test_servers_without_continuous_usage(usage, accounting, chunks):
     rec, client = asyncio.run(send_one(StubBehavior(tokens_per_chunk=3, usage=usage), max_tokens=7))
     assert rec.ok and rec.chunk_tokens == chunks
     assert client.stats.accounting == {accounting: 1}
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_default_request_counts_one_token_per_chunk_exactly(api):
+    """The default body asks for the final usage only; one token a chunk is checked against it."""
+    rec, client = asyncio.run(send_one(StubBehavior(tokens_per_chunk=1), api=api, max_tokens=7))
+    assert rec.ok and rec.output_tokens == 7 and rec.chunk_tokens == [1] * 7
+    assert client.stats.accounting == {"final_usage_exact": 1}
 
 
 @pytest.mark.parametrize("failure,kind,detail", [

@@ -72,7 +72,8 @@ def test_run_point_in_process(stub, tok_dir, tmp_path):
     assert r.summary["slos"][0]["passed"] is True
     c = r.client
     assert c["processes"] == 0 and c["cpu_s"] > 0 and c["cpu_s_per_1k_tokens"] > 0
-    assert c["token_accounting"] == {"continuous_usage": 24}
+    assert c["token_accounting"] == {"final_usage_exact": 24}
+    assert c["request_options"] == {"temperature": None, "per_chunk_usage": False}
     assert c["output_length_mismatch"] == 0 and c["input_length_mismatch"] == 0
     assert c["prefix_cache_reset"] == "unsupported"  # the stub has no such endpoint: skipped quietly
     assert "output_length_mismatch" not in r.flags

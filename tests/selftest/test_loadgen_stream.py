@@ -15,6 +15,7 @@ from pdperf.loadgen.client import (
     ACCOUNTING_CHUNKS,
     ACCOUNTING_CONTINUOUS,
     ACCOUNTING_FINAL,
+    ACCOUNTING_FINAL_EXACT,
     SSEParser,
     StreamAccumulator,
     build_body,
@@ -152,10 +153,25 @@ def test_final_usage_only_spreads_tokens_over_chunks():
     assert sum(rec.chunk_tokens) == 7
 
 
-def test_no_usage_counts_one_token_per_content_chunk():
+def test_no_usage_counts_one_token_per_chunk_with_choices():
+    # a token without text (an id the tokenizer decodes to "") still arrives as a chunk of its own
     rec, acc = run([(0.1, comp("a")), (0.2, comp("")), (0.3, comp("b")), (0.4, DONE)])
     assert acc.accounting == ACCOUNTING_CHUNKS
-    assert rec.output_tokens == 2 and rec.chunk_tokens == [1, 1]
+    assert rec.output_tokens == 3 and rec.chunk_tokens == [1, 1, 1]
+
+
+def test_final_usage_equal_to_the_chunks_is_one_token_each():
+    stream = [(0.1, comp("a")), (0.2, comp("")), (0.3, comp("c")), (0.4, final_usage(3) + DONE)]
+    rec, acc = run(stream)
+    assert acc.accounting == ACCOUNTING_FINAL_EXACT
+    assert rec.output_tokens == 3 and rec.chunk_tokens == [1, 1, 1] and rec.end_s == 0.3
+
+
+def test_chat_role_chunk_carries_no_token_without_usage():
+    stream = [(0.05, chat(None, role=True)), (0.1, chat("a")), (0.2, chat("")), (0.3, final_usage(2) + DONE)]
+    rec, acc = run(stream, api="chat")
+    assert acc.accounting == ACCOUNTING_FINAL_EXACT
+    assert rec.first_token_s == 0.1 and rec.chunk_times_s == [0.1, 0.2] and rec.output_tokens == 2
 
 
 def test_larger_final_usage_adds_the_rest_to_the_last_chunk():
@@ -214,9 +230,17 @@ def test_failed_requests_are_excluded_from_latency_samples():
 
 def test_body_fixes_output_length_without_min_tokens():
     body = json.loads(build_body(model="m", prompt="hi", max_tokens=64))
-    assert body["max_tokens"] == 64 and body["ignore_eos"] is True and body["temperature"] == 0
+    assert body["max_tokens"] == 64 and body["ignore_eos"] is True
     assert "min_tokens" not in body
     assert body["stream"] is True
+
+
+def test_body_asks_the_server_for_what_vllm_bench_asks_unless_told():
+    body = json.loads(build_body(model="m", prompt="hi", max_tokens=64))
+    assert "temperature" not in body  # the server's default sampling
+    assert body["stream_options"] == {"include_usage": True}  # no per-chunk usage: server CPU per chunk
+    body = json.loads(build_body(model="m", prompt="hi", max_tokens=64, temperature=0, per_chunk_usage=True))
+    assert body["temperature"] == 0.0
     assert body["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
     chat_body = json.loads(build_body(model="m", prompt="hi", max_tokens=4, api="chat"))
     assert chat_body["messages"] == [{"role": "user", "content": "hi"}] and "prompt" not in chat_body
