@@ -114,6 +114,7 @@ suite() {  # $1 = log name, then pytest arguments: through gpu-testmachine.sh, b
     | tee -a "$OUT/fidelity.log"
 }
 
+nvidia-smi -L 2>/dev/null | tee -a "$OUT/fidelity.log"
 case $step in
 servers)
   "$PY" -m pdperf.models "$MODEL" >/dev/null || exit 1
@@ -126,8 +127,8 @@ servers)
   await_servers short padded 2>&1 | tee -a "$OUT/fidelity.log" || { engine_facts; stop_servers; exit 1; }
   engine_facts
   # one factor at a time at c64, where the gap was largest: the request options on the short tokenizer ...
-  sbs short ab-short --short-tokenizer --concurrency 64 --requests-per-concurrency 4 --rounds 2 --warmup-requests 64 \
-    --variants pdperf_old,pdperf_t0,pdperf,bench_t0,bench
+  sbs short ab-short --short-tokenizer --concurrency 64 --requests-per-concurrency 4 --rounds 1 --warmup-requests 64 \
+    --variants pdperf_old,bench,pdperf_t0,pdperf,bench_t0
   # ... and on the padded one (the fix of the model: greedy costs the server nothing more there)
   sbs padded ab-padded --concurrency 64 --requests-per-concurrency 4 --rounds 1 --warmup-requests 64 \
     --variants pdperf_t0,bench_t0,pdperf,bench
@@ -146,9 +147,9 @@ record)
   suite ray-record --update-baselines --deploy-timeout 400
   ;;
 rerun)
-  suite vllm-rerun --backend vllm --deploy-timeout 400
-  scripts/gpu-testmachine.sh --stop
   suite ray-rerun --deploy-timeout 400
+  scripts/gpu-testmachine.sh --stop
+  suite vllm-rerun --backend vllm --deploy-timeout 400
   ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
