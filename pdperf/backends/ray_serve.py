@@ -342,11 +342,14 @@ class RayServeDeployment(Deployment):
         self.stream_batching_interval_ms = stream_batching_interval_ms
         self.app = topology.name + app_suffix
         self._started = False
+        self._earlier_actors: set[str | None] = set()  # dead replicas of an earlier app of this name
 
     # -- observation ---------------------------------------------------------------------------
     def restarts(self) -> int:
-        """Replicas replaced (dead replica actors) plus in-place actor restarts."""
-        actors = _replica_actors(self.app)
+        """Replicas replaced (dead replica actors) plus in-place actor restarts, of this deployment only:
+        an earlier application of the same name (a previous run on this cluster) leaves its dead actors
+        in the actor table, and they are no restart of this one."""
+        actors = [a for a in _replica_actors(self.app) if a.get("ActorID") not in self._earlier_actors]
         return sum(1 for a in actors if a.get("State") == "DEAD") + sum(int(a.get("NumRestarts") or 0) for a in actors)
 
     def neighbours(self) -> list[str]:
@@ -404,6 +407,7 @@ class RayServeDeployment(Deployment):
         self._model_path = ensure_model(self.model)
         self._t0 = time.monotonic()
         self._adopted = False
+        self._earlier_actors = {a.get("ActorID") for a in _replica_actors(self.app) if a.get("State") == "DEAD"}
         st = serve.status().applications.get(self.app) if not self.cluster.local else None
         if st is not None and not self.keep:
             # serve.run would silently replace it: another session's deployment (or a crashed run's).

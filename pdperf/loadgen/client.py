@@ -34,6 +34,7 @@ time as an argument, so the unit tests drive them with a fake clock and syntheti
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import math
 import time
@@ -325,9 +326,9 @@ class StreamAccumulator:
         Token rule: with continuous usage, each content chunk carries its delta and a larger
         final ``completion_tokens`` adds the rest to the last chunk. With only a final usage
         that equals the number of token-bearing chunks, each chunk held one token (exact,
-        ``final_usage_exact``); when they differ, the first chunk counts 1 token (a prefill
-        emits one) and the remaining tokens are spread evenly over the later chunks (earlier
-        chunks get the extra one when it does not divide; ``final_usage``, an estimate).
+        ``final_usage_exact``); with more tokens than chunks (a server that fell behind sends
+        several tokens in one chunk, after a longer wait) the extra tokens go to the chunks
+        that waited longest (:func:`tokens_by_gap`; ``final_usage``, an estimate).
         Without any usage, every content chunk counts one token and the record's accounting
         says ``chunk_count``.
         """
@@ -349,7 +350,8 @@ class StreamAccumulator:
             total = self.final_completion_tokens
             self.accounting = ACCOUNTING_FINAL_EXACT if total == n_chunks else ACCOUNTING_FINAL
             if n_chunks:
-                tokens[:] = spread_tokens(total, n_chunks)
+                tokens[:] = (tokens_by_gap(total, rec.chunk_times_s) if total > n_chunks
+                             else spread_tokens(total, n_chunks))
         else:
             self.accounting = ACCOUNTING_CHUNKS
             total = n_chunks
@@ -372,6 +374,27 @@ class StreamAccumulator:
     @property
     def text(self) -> str:
         return "".join(self.text_parts)
+
+
+def tokens_by_gap(total: int, times_s: Sequence[float]) -> list[int]:
+    """Tokens per chunk when ``total`` tokens came in fewer chunks, none of which said how many.
+
+    A chunk that holds k tokens is one the server sent late, after about k decode steps, so
+    each extra token goes to the chunk whose wait per token is longest (water-filling on
+    ``gap / tokens``); the first chunk (its wait is the prefill) keeps 1. Seen through Ray Serve
+    LLM on one H200 at c16: 39 of 128 requests had fewer chunks than tokens.
+    """
+    n = len(times_s)
+    if n <= 1:
+        return [max(total, 1)] if n else []
+    tokens = [1] * n
+    heap = [(-(times_s[i] - times_s[i - 1]), i) for i in range(1, n)]
+    heapq.heapify(heap)
+    for _ in range(total - n):
+        _, i = heapq.heappop(heap)
+        tokens[i] += 1
+        heapq.heappush(heap, (-(times_s[i] - times_s[i - 1]) / tokens[i], i))
+    return tokens
 
 
 def spread_tokens(total: int, n_chunks: int) -> list[int]:

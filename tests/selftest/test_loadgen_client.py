@@ -61,11 +61,12 @@ def test_ok_request_counts_tokens_from_per_chunk_usage(api):
     assert client.last_text[0] == " tok" * 7
 
 
-@pytest.mark.parametrize("usage,accounting,chunks", [("final", "final_usage", [1, 3, 3]),
-                                                     ("none", "chunk_count", [1, 1, 1])])
-def test_servers_without_continuous_usage(usage, accounting, chunks):
+@pytest.mark.parametrize("usage,accounting", [("final", "final_usage"), ("none", "chunk_count")])
+def test_servers_without_continuous_usage(usage, accounting):
     rec, client = asyncio.run(send_one(StubBehavior(tokens_per_chunk=3, usage=usage), max_tokens=7))
-    assert rec.ok and rec.chunk_tokens == chunks
+    assert rec.ok and len(rec.chunk_tokens) == 3 and rec.chunk_tokens[0] == 1
+    # final usage: 7 tokens in 3 chunks, the extra ones by the chunks' waits; no usage: one a chunk (a guess)
+    assert sum(rec.chunk_tokens) == (7 if usage == "final" else 3)
     assert client.stats.accounting == {accounting: 1}
 
 

@@ -21,6 +21,7 @@ from pdperf.loadgen.client import (
     build_body,
     endpoint_url,
     spread_tokens,
+    tokens_by_gap,
 )
 from pdperf.results import RequestRecord
 
@@ -177,6 +178,14 @@ def test_chat_role_chunk_carries_no_token_without_usage():
 def test_larger_final_usage_adds_the_rest_to_the_last_chunk():
     rec, _ = run([(0.1, comp("a", 1)), (0.2, comp("b", 2)), (0.3, final_usage(4) + DONE)])
     assert rec.output_tokens == 4 and rec.chunk_tokens == [1, 3]
+
+
+def test_extra_tokens_go_to_the_chunks_that_waited_longest():
+    # one chunk came 2 steps late: it carried 2 tokens (a lagging server merges them)
+    assert tokens_by_gap(6, [0.0, 0.01, 0.02, 0.04, 0.05]) == [1, 1, 1, 2, 1]
+    assert tokens_by_gap(8, [0.0, 0.01, 0.04, 0.05]) == [1, 2, 3, 2]  # a 3-step wait: 3 tokens; then ties
+    assert sum(tokens_by_gap(300, [i * 0.01 for i in range(256)])) == 300
+    assert tokens_by_gap(5, [0.3]) == [5] and tokens_by_gap(3, []) == []
 
 
 @pytest.mark.parametrize("total,n,expected", [(1, 1, [1]), (5, 1, [5]), (7, 3, [1, 3, 3]), (8, 3, [1, 4, 3]),

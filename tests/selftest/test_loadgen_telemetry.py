@@ -190,3 +190,18 @@ def test_exact_sums_are_not_marked():
     assert out["queue_time_s"] == pytest.approx(0.0123) and out["estimated_means"] == []
     real = summarize({URL: BEFORE}, {URL: AFTER})  # vLLM's own exporter (a real capture): exact sums
     assert real["estimated_means"] == [] and real["mean_bounds_s"] == {}
+
+
+def test_a_falling_gauge_named_count_is_no_counter_reset():
+    """Ray exports its own `operation_active_count` (a gauge) beside vLLM's metrics: seen on one H200,
+    its fall between two scrapes flagged a healthy point telemetry_counter_reset."""
+    before = "operation_active_count 5\nvllm:request_success_total 3\nvllm:e2e_request_latency_seconds_sum 1.0\n" \
+             "vllm:e2e_request_latency_seconds_count 3\n"
+    after = "operation_active_count 2\nvllm:request_success_total 5\nvllm:e2e_request_latency_seconds_sum 2.0\n" \
+            "vllm:e2e_request_latency_seconds_count 5\n"
+    out = summarize({"u": before}, {"u": after})
+    assert out["counter_resets"] == []
+    restarted = "vllm:request_success_total 1\nvllm:e2e_request_latency_seconds_sum 0.5\n" \
+                "vllm:e2e_request_latency_seconds_count 1\n"
+    assert {r.split()[1] for r in summarize({"u": before}, {"u": restarted})["counter_resets"]} >= {
+        "vllm_request_success_total", "vllm_e2e_request_latency_seconds_count"}
