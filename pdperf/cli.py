@@ -194,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         from pdperf.compare import main as compare_main
 
         return compare_main(argv[1:], prog="pdperf compare")
+    if argv[:1] == ["planner"]:  # which P:D ratio and TP per role: its own parser (docs/PLANNER.md)
+        from pdperf.planner.cli import main as planner_main
+
+        return planner_main(argv[1:], prog="pdperf planner")
     ap = argparse.ArgumentParser(prog="pdperf", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="stand a topology up and keep it serving")
@@ -243,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     br.add_argument("number", type=int, metavar="N", help="the run's number in `baseline show --runs` (2 or more)")
     br.set_defaults(fn=cmd_baseline_remove_run)
     sub.add_parser("compare", help="compare runs or a run against its baselines (pdperf compare -h)", add_help=False)
+    sub.add_parser("planner", help="predict PD/collocated layouts from measured profiles, search under an SLO "
+                                   "(pdperf planner -h)", add_help=False)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)
