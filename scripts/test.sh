@@ -20,6 +20,10 @@ fi
 py=.venv/bin/python
 status=0
 
+echo "== lint: ruff and mypy (strict on pdperf/gate and the typed result pipeline)"
+.venv/bin/ruff check pdperf fixtures tests benchmarks tools conftest.py || status=$?
+.venv/bin/mypy pdperf fixtures || status=$?
+
 echo "== 1/2 selftest + smoke (backend ray)"
 $py -m pytest -m "selftest or smoke" "$@" || status=$?
 

@@ -73,10 +73,10 @@ def test_cpu_runs_record_neither(tmp_path, monkeypatch):
 
 
 def test_git_sha_from_the_environment_wins(monkeypatch, tmp_path):
-    # the GPU test machines' copy of .git lagged the tree: gpu-session.sh passes the staged commit
-    monkeypatch.setenv("PDPERF_GIT_SHA", "355fef3abcde\n")
-    assert environment.git_sha(tmp_path) == "355fef3abcde"
-    monkeypatch.delenv("PDPERF_GIT_SHA")
+    # the GPU test machines' copy of .git lagged the tree: the session script passes the staged commit as
+    # PDPERF_GIT_SHA, which the session's options read (pdperf.session.options.EnvSwitches) and pass in
+    monkeypatch.setenv("PDPERF_GIT_SHA", "0000000000ff")  # never read here: only what is passed counts
+    assert environment.git_sha(tmp_path, "355fef3abcde\n") == "355fef3abcde"
     assert environment.git_sha(tmp_path) is None  # no repository there
 
 
@@ -87,10 +87,10 @@ def test_git_sha_from_the_environment_wins(monkeypatch, tmp_path):
 ])
 def test_gpu_install_names_the_chunks_that_did_not_arrive(tmp_path, present, says):
     """The ninth GPU session's first copy call found no machine: c00 never arrived and install.sh
-    failed on an import; scripts/gpu-install.sh names the missing chunk and installs nothing."""
+    failed on an import; tools/gpu-testmachines/install.sh names the missing chunk and installs nothing."""
     for i in present:
         (tmp_path / f"pdperf-chunk-{i:02d}-of-03").write_text("")
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-install.sh")], capture_output=True, text=True,
+    out = subprocess.run(["bash", str(ROOT / "tools" / "gpu-testmachines" / "install.sh")], capture_output=True, text=True,
                          env={**os.environ, "GPU_STAGE_DIR": str(tmp_path)}, timeout=30)
     assert out.returncode == 3 and says in out.stderr, out.stderr
     assert not (tmp_path / "pdperf-installed").exists()

@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
 # One lent GPU (H200), production-mode engines (torch.compile + CUDA graphs, vLLM's defaults):
 # does this suite's client change the server, and what do the suite's own runs record?
-#   scripts/gpu-fidelity.sh servers  two `vllm serve` of the Llama-3.1-8B shapes (dummy weights), started
+#   tools/gpu-testmachines/fidelity-session.sh servers  two `vllm serve` of the Llama-3.1-8B shapes (dummy weights), started
 #                                    together in sessions of their own (they outlive the call), 0.42 of the
 #                                    GPU's memory each: "short" keeps the trained 8192-token tokenizer (ids
 #                                    without text: the detokenizer's slow path), "padded" is what
 #                                    pdperf/models.py builds now. Then benchmarks/side_by_side.py at c64: the
 #                                    request options one at a time on "short", then on "padded"; then the
 #                                    standing side-by-side (this client vs vllm bench serve) on "padded".
-#   scripts/gpu-fidelity.sh more     more standing rounds on the kept "padded" server (c1/c16/c64), then both stop
-#   scripts/gpu-fidelity.sh record   the suite: colloc-1xtp1 through plain vLLM (--backend vllm) and through
+#   tools/gpu-testmachines/fidelity-session.sh more     more standing rounds on the kept "padded" server (c1/c16/c64), then both stop
+#   tools/gpu-testmachines/fidelity-session.sh record   the suite: colloc-1xtp1 through plain vLLM (--backend vllm) and through
 #                                    Ray Serve LLM, sweep recorded as this GPU's baselines
-#   scripts/gpu-fidelity.sh rerun    the same two on fresh deployments, gated against those baselines
+#   tools/gpu-testmachines/fidelity-session.sh rerun    the same two on fresh deployments, gated against those baselines
 # Results go to $OUT (the device tool brings them back); baselines live in $STATE across calls.
 # Every step stops starting work CALL_LIMIT_S (default 570) after it began. Rehearse on CPU with
 #   MODEL=tiny-llama VOCAB=128256 ISL=128 OSL=32 SERVER_ARGS='--enforce-eager --dtype float32' \
-#   PY=.venv/bin/python OUT=/tmp/o STATE=/tmp/s scripts/gpu-fidelity.sh servers
+#   PY=.venv/bin/python OUT=/tmp/o STATE=/tmp/s tools/gpu-testmachines/fidelity-session.sh servers
 set -uo pipefail
-cd "$(dirname "$0")/.."
-step=${1:?usage: scripts/gpu-fidelity.sh servers|more|record|rerun}
+cd "$(dirname "$0")/../.."
+step=${1:?usage: tools/gpu-testmachines/fidelity-session.sh servers|more|record|rerun}
 PY=${PY:-python3}
 VLLM=$(dirname "$(command -v "$PY")")/vllm
 STATE=${STATE:-/tmp/pdperf-fidelity}
@@ -30,7 +30,7 @@ read -r -a SERVER_ARGS <<<"${SERVER_ARGS:---gpu-memory-utilization 0.42 --max-mo
 VOCAB_ARGS=(); [ -n "${VOCAB:-}" ] && VOCAB_ARGS=(--vocab "$VOCAB")
 mkdir -p "$STATE" "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
-# the lent machines' rule: never NVLink multicast (scripts/gpu-testmachine.sh says why)
+# the lent machines' rule: never NVLink multicast (tools/gpu-testmachines/testmachine.sh says why)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-/tmp/vllm-cache}
 [ -z "${PDPERF_GIT_SHA:-}" ] && [ -s /tmp/w/pdperf-git-sha ] && export PDPERF_GIT_SHA=$(cat /tmp/w/pdperf-git-sha)
@@ -101,13 +101,13 @@ engine_facts() {  # start-up facts from each server's log: mode, compile and gra
   done
 }
 
-suite() {  # $1 = log name, then pytest arguments: through gpu-testmachine.sh, baselines in $STATE
+suite() {  # $1 = log name, then pytest arguments: through testmachine.sh, baselines in $STATE
   local name=$1; shift
   local budget=$(( $(left) - 40 ))
   if [ "$budget" -lt 120 ]; then log "$name: skipped, $(left) s left"; return 0; fi
   [ -d "$STATE/baselines" ] || cp -r baselines "$STATE/baselines"
   log "$name (budget ${budget}s): $*"
-  PDPERF_CALL_BUDGET_S=$budget OUT=$OUT scripts/gpu-testmachine.sh -m sweep --topology colloc-1xtp1 \
+  PDPERF_CALL_BUDGET_S=$budget OUT=$OUT tools/gpu-testmachines/testmachine.sh -m sweep --topology colloc-1xtp1 \
     --workload gpu-small-isl1024-osl256 --model "$MODEL" --baselines-dir="$STATE/baselines" "$@" >"$OUT/$name.log" 2>&1
   log "$name: exit $?; $(grep -E '^=+ .*(passed|failed|error|skipped|no tests).* =+$' "$OUT/$name.log" | tail -1)"
   grep -E 'ready after|DeployError|pytest stopped after|PASSED|FAILED|SKIPPED' "$OUT/$name.log" | head -12 | sed 's/^/    /' \
@@ -148,7 +148,7 @@ record)
   ;;
 rerun)
   suite ray-rerun --deploy-timeout 400
-  scripts/gpu-testmachine.sh --stop
+  tools/gpu-testmachines/testmachine.sh --stop
   suite vllm-rerun --backend vllm --deploy-timeout 400
   ;;
 *) echo "unknown step $step" >&2; exit 2 ;;

@@ -4,12 +4,12 @@
 # Starts (or reuses) a Ray head for this machine's GPUs, so deployments can outlive one pytest
 # run with --keep-deployments, then runs pytest with the given arguments. Results go to $OUT
 # when set (the device tool copies it back), else reports/.
-#   scripts/gpu-testmachine.sh -m smoke --topology colloc-2xtp1 --model llama-3.1-8b
-#   scripts/gpu-testmachine.sh --stop      # tear the Ray head down
+#   tools/gpu-testmachines/testmachine.sh -m smoke --topology colloc-2xtp1 --model llama-3.1-8b
+#   tools/gpu-testmachines/testmachine.sh --stop      # tear the Ray head down
 # PDPERF_CALL_BUDGET_S (default 550) stops pytest with SIGINT (a clean interrupt: reports are
 # written, kept deployments stay up) before the device tool's 600 s limit kills everything.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # Never NVLink multicast on the lent machines (their rule: it can take the host's shared GPUs
 # out of service; never call cuMulticastCreate). NCCL, PyTorch and NVSHMEM have switches.
@@ -48,7 +48,7 @@ timeout -s INT -k 30 "${PDPERF_CALL_BUDGET_S:-550}" \
   "$PY" -m pytest "${ray_args[@]}" --run-dir="$run_dir" -o log_cli=true -o log_cli_level=WARNING \
   "${NO_MULTICAST_ARGS[@]}" "$@"
 rc=$?
-[ $rc = 124 ] && echo "gpu-testmachine: pytest stopped after ${PDPERF_CALL_BUDGET_S:-550} s (PDPERF_CALL_BUDGET_S)"
+[ $rc = 124 ] && echo "testmachine.sh: pytest stopped after ${PDPERF_CALL_BUDGET_S:-550} s (PDPERF_CALL_BUDGET_S)"
 # The device tool returns at most 8 files from $OUT: one archive of the run, one of the baselines,
 # and the cluster's state (Serve, placement groups, replica logs, GPUs) as the run left it.
 if [ -n "${OUT:-}" ]; then

@@ -9,9 +9,9 @@ Split wheels (`*.partNN`) stay whole files: install.sh joins them wherever they 
 
 It also writes the commit the calls will carry into `.gpu/c00/pdperf-git-sha`: the device's copy of
 `.git` lagged the tree (session 8's points read the previous session's HEAD "-dirty"), so
-gpu-session.sh exports it as PDPERF_GIT_SHA, which the recorded environment prefers.
+fidelity-session.sh exports it as PDPERF_GIT_SHA, which the recorded environment prefers.
 
-Each chunk gets a marker, `pdperf-chunk-NN-of-MM`: scripts/gpu-install.sh names the chunks whose copy
+Each chunk gets a marker, `pdperf-chunk-NN-of-MM`: tools/gpu-testmachines/install.sh names the chunks whose copy
 call did not arrive (the ninth session's first call found no machine, its chunk was missing, and
 install.sh failed on an import) before installing anything.
 """
@@ -33,7 +33,7 @@ def tree_bytes(repo: Path) -> int:
 
 
 def main() -> int:
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     gpu = repo / ".gpu"
     chunks = sorted(p for p in gpu.glob("c[0-9][0-9]") if p.is_dir())
     if not chunks:
