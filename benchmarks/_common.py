@@ -87,7 +87,7 @@ class CpuSampler:
             self.samples.append((time.perf_counter(), tree_cpu_s(self.pid)))
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "CpuSampler":
+    def __enter__(self) -> CpuSampler:
         self._thread.start()
         return self
 
@@ -192,7 +192,7 @@ class VllmServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "VllmServer":
+    def __enter__(self) -> VllmServer:
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1",
                "HF_HUB_OFFLINE": "1", **(self.env or {})}
         cmd = [str(VENV_BIN / "vllm"), "serve", str(self.model), "--host", "127.0.0.1", "--port", str(self.port),

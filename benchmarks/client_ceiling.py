@@ -149,8 +149,9 @@ def main() -> int:
         return statistics.median(r[key] for r in rows
                                  if r["concurrency"] == conc and r["load"] == label and r["client"] == client)
 
-    for conc, step, label in loads:
-        a, b = (lambda k: med(conc, label, "pdperf", k)), (lambda k: med(conc, label, "vllm_bench", k))
+    for conc, _step, label in loads:
+        a = lambda k, c=conc, lb=label: med(c, lb, "pdperf", k)
+        b = lambda k, c=conc, lb=label: med(c, lb, "vllm_bench", k)
         print(f"  c{conc} {label:>10}: tokens per CPU-second {a('tok_per_cpu_s'):.0f} vs {b('tok_per_cpu_s'):.0f} "
               f"= x{a('tok_per_cpu_s') / b('tok_per_cpu_s'):.2f}; TTFT added steady {a('ttft_added_steady_ms'):.1f} vs "
               f"{b('ttft_added_steady_ms'):.1f} ms, all requests {a('ttft_added_ms'):.1f} vs {b('ttft_added_ms'):.1f} ms")

@@ -27,7 +27,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gate_confirmation import run  # noqa: E402  (one point's per-request TPOT, slow stretches included)
-from pdperf.baselines import Gate, judge_metric  # noqa: E402
+
+from pdperf.gate import Gate, judge_metric  # noqa: E402
 
 GATE = Gate(metric="tpot_ms", statistic="p50", max_change=0.15, direction="lower-is-better")
 

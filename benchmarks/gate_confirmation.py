@@ -9,7 +9,7 @@ simulates runs with that structure — each request's TPOT lognormal around 19 m
 clean run's spread); with probability ``--slow-run-prob`` a run has a slow stretch in which a
 fraction (uniform 0.25-0.6) of its requests decode x1.65 slower — and prints how often the TPOT
 p50 gate (+15%) fails a point, judging the first measurement alone and with one re-measurement
-that must regress too (pdperf.checks.confirm_regression). Baseline runs are drawn from the same
+that must regress too (pdperf.gate.point.confirm_regression). Baseline runs are drawn from the same
 mixture (a baseline can be recorded in a slow stretch too). Seeded; numbers only.
 
     .venv/bin/python benchmarks/gate_confirmation.py [--requests 32] [--slow-run-prob 0.3] [--trials 300]
@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pdperf.baselines import Gate, judge_metric  # noqa: E402
+from pdperf.gate import Gate, judge_metric  # noqa: E402
 
 GATE = Gate(metric="tpot_ms", statistic="p50", max_change=0.15, direction="lower-is-better")
 

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from pdperf import environment  # noqa: E402
 from pdperf.backends.ray_serve import RayCluster, RayServeDeployment  # noqa: E402
-from pdperf.baselines import gate_point, load_thresholds  # noqa: E402
 from pdperf.cluster import ClusterShape, local_cpu  # noqa: E402
+from pdperf.gate import gate_point, load_thresholds  # noqa: E402
 from pdperf.loadgen.runner import run_point  # noqa: E402
 from pdperf.specs import all_topologies, all_workloads  # noqa: E402
 
@@ -67,10 +67,10 @@ def main() -> int:
                         from pdperf.results import save_point
 
                         save_point(args.save_points / f"{label}-{i}.json", result)
-                    m = result.summary["metrics"]
+                    s = result.summary
                     row = {"case": label, "stream_batching_ms": batching_ms, "run": i, "status": gate.status,
-                           "ttft_p50_ms": m["ttft_ms"]["p50"], "tpot_p50_ms": m["tpot_ms"]["p50"],
-                           "itl_p99_ms": m["itl_ms"]["p99"], "e2e_mean_ms": m["e2e_ms"]["mean"],
+                           "ttft_p50_ms": s.stat("ttft_ms", "p50"), "tpot_p50_ms": s.stat("tpot_ms", "p50"),
+                           "itl_p99_ms": s.stat("itl_ms", "p99"), "e2e_mean_ms": s.stat("e2e_ms", "mean"),
                            "wall_s": round(time.monotonic() - t0, 1), "message": gate.message()}
                     rows.append(row)
                     print(json.dumps(row), flush=True)

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pdperf.baselines import Gate, judge_metric  # noqa: E402
+from pdperf.gate import Gate, judge_metric  # noqa: E402
 
 GATE = Gate(metric="itl_ms", statistic="p50", max_change=0.15, direction="lower-is-better")
 

@@ -16,36 +16,59 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from pdperf.errors import PdperfError
-from pdperf.specs import ROOT, all_topologies, all_workloads
+from pdperf.gate.store import BandRun
+
+if TYPE_CHECKING:
+    from pdperf.session.options import SessionOptions
+from pdperf.specs import ROOT, TOPOLOGY_DIR, all_topologies, all_workloads
 
 
-def _topology(name: str):
-    topos = all_topologies()
+def _session_options(args: argparse.Namespace, *, backend: Literal["ray", "vllm", "external"] = "ray",
+                     model: str | None = None) -> SessionOptions:
+    """``pdperf serve`` / ``plan`` arguments as the test session's options (the same checks, the same
+    backend settings); the environment's switches are read here, at the CLI's edge."""
+    from pdperf.session.options import EnvSwitches
+
+    return SessionOptions(backend=backend, ray_address=args.ray_address, model_override=model,
+                          topologies_dir=Path(args.topologies_dir) if args.topologies_dir else TOPOLOGY_DIR,
+                          env=EnvSwitches.from_environ(os.environ))
+
+
+def _topology(name: str, directory: Path = TOPOLOGY_DIR):
+    if not directory.is_dir():
+        raise PdperfError(f"--topologies-dir {directory}: no such folder; pass a folder of topology YAML files "
+                          "(default: topologies/)")
+    topos = all_topologies(directory)
     if name not in topos:
-        raise PdperfError(f"topology '{name}': not in topologies/; known: {', '.join(sorted(topos))}")
+        where = "topologies/" if directory == TOPOLOGY_DIR else str(directory)
+        raise PdperfError(f"topology '{name}': not in {where}; known: {', '.join(sorted(topos))}")
     return topos[name]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pdperf.backends.ray_serve import RayCluster, RayServeDeployment
-    from pdperf.backends.vllm_proc import VllmProcessDeployment
+    from pdperf.backends.factory import make_deployment, start_cluster
+    from pdperf.backends.vllm_proc import GpuLedger
 
-    t = _topology(args.topology)
+    options = _session_options(args, backend=args.backend, model=args.model)
+    t = _topology(args.topology, options.topologies_dir)
     cluster = None
-    if args.backend == "ray":
-        cluster = RayCluster(args.ray_address).start()
-        dep = RayServeDeployment(t, cluster, model=args.model if t.device == "gpu" else None)
-    else:
-        dep = VllmProcessDeployment(t, Path(args.log_dir), model=args.model if t.device == "gpu" else None)
+    if options.backend == "ray":
+        cluster = start_cluster(options.ray_address, metrics_report_interval_ms=options.env.metrics_report_interval_ms)
+    dep = None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
+        # the deployment the test session would make of this topology with these options
+        dep = make_deployment(options.backend_options(), t, log_dir=Path(args.log_dir), cluster=cluster,
+                              ledger=GpuLedger(cuda_visible_devices=options.env.cuda_visible_devices))
         ep = dep.start(args.timeout)
         print(json.dumps({"topology": t.name, "backend": ep.backend, "url": ep.base_url, "model": ep.model_id,
                           "startup_s": round(ep.startup_s, 1), "metrics": ep.metrics_urls}), flush=True)
@@ -55,7 +78,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             pass
     finally:
-        dep.stop()
+        if dep is not None:
+            dep.stop()
         if cluster:
             cluster.stop()
     return 0
@@ -89,14 +113,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from pdperf.backends.factory import start_cluster
     from pdperf.placement import plan
-    from pdperf.selection import local_nodes
+    from pdperf.session.runtime import local_nodes
 
-    t = _topology(args.topology)
-    if args.ray_address:
-        from pdperf.backends.ray_serve import RayCluster
-
-        cluster = RayCluster(args.ray_address).start()
+    options = _session_options(args)
+    t = _topology(args.topology, options.topologies_dir)
+    if options.ray_address:
+        cluster = start_cluster(options.ray_address, metrics_report_interval_ms=options.env.metrics_report_interval_ms)
         nodes = cluster.nodes()
         cluster.stop()
     else:
@@ -128,8 +152,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_baseline_add_run(args: argparse.Namespace) -> int:
-    from pdperf.baselines import BASELINE_ROOT, write_baseline
     from pdperf.compare import load_input
+    from pdperf.gate.store import write_baseline
+    from pdperf.gate.thresholds import BASELINE_ROOT
 
     points = [p for path in args.inputs for p in load_input(Path(path)).points.values()]
     if not points:
@@ -148,7 +173,7 @@ def cmd_baseline_show(args: argparse.Namespace) -> int:
 
 
 def cmd_baseline_remove_run(args: argparse.Namespace) -> int:
-    from pdperf.baselines import remove_band_run
+    from pdperf.gate.store import remove_band_run
 
     run = remove_band_run(Path(args.file), args.point, args.number)
     print(f"removed run {args.number} of {args.point} ({_run_text(run)})")
@@ -156,30 +181,50 @@ def cmd_baseline_remove_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_text(run: dict) -> str:
-    from pdperf.baselines import run_statistic
+def cmd_baseline_migrate(args: argparse.Namespace) -> int:
+    """Rewrite baseline files (schema 1, as older versions wrote them) as schema 2; files already
+    at schema 2 are left as they are."""
+    import json
 
-    vals = ", ".join(f"p50 {m} {v:.3g}" for m in ("ttft_ms", "tpot_ms")
-                     if (v := run_statistic(run, m, "p50")) is not None)
-    return f"{run.get('started_at') or '?'}, git {str(run.get('git_sha') or '?')[:12]}: {vals}"
+    from pdperf.gate.store import committed_baseline_files, load_baseline_file, write_baseline_file
+
+    files: list[Path] = []
+    for item in args.paths:
+        p = Path(item)
+        files.extend(committed_baseline_files(p) if p.is_dir() else [p])
+    if not files:
+        raise PdperfError(f"{', '.join(args.paths)}: no baseline files (<hardware_id>/<topology>/<workload>.json)")
+    for f in files:
+        before = json.loads(f.read_text()).get("schema_version") if f.exists() else None
+        b = load_baseline_file(f)  # validates (schema 1 through the migration); raises naming the file
+        if before != b.data.schema_version:
+            write_baseline_file(f, b.data)
+        print(f"{f}: schema {before} -> {b.data.schema_version}" if before != b.data.schema_version
+              else f"{f}: schema {before}, unchanged")
+    return 0
+
+
+def _run_text(run: BandRun) -> str:
+    vals = ", ".join(f"p50 {m} {v:.3g}" for m in ("ttft_ms", "tpot_ms") if (v := run.stat(m, "p50")) is not None)
+    return f"{run.started_at or '?'}, git {(run.git_sha or '?')[:12]}: {vals}"
 
 
 def _bands_text(files: list[Path], point_ids: set[str] | None = None, *, runs: bool = False) -> str:
     """Per baseline file and point: each run's p50 TTFT and TPOT and the band's spread (worst / best);
     with ``runs``, a line per run (numbered as ``baseline remove-run`` takes them)."""
-    from pdperf.baselines import band_runs, load_baseline_file, run_statistic
+    from pdperf.gate.store import load_baseline_file
 
     lines = []
     for f in files:
         b = load_baseline_file(f)
-        lines.append(f"{f}  ({b.hardware_id})")
+        lines.append(f"{f}  ({b.hardware_id}{', retired: ' + b.retired if b.retired else ''})")
         for pid, entry in b.points.items():
             if point_ids and pid not in point_ids:
                 continue
-            band = band_runs(entry)
+            band = entry.runs
             cells = []
             for metric in ("ttft_ms", "tpot_ms"):
-                vals = [v for r in band if (v := run_statistic(r, metric, "p50")) is not None]
+                vals = [v for r in band if (v := r.stat(metric, "p50")) is not None]
                 spread = f" (x{max(vals) / min(vals):.2f})" if len(vals) > 1 and min(vals) > 0 else ""
                 cells.append(f"p50 {metric} {' '.join(f'{v:.3g}' for v in vals)}{spread}")
             lines.append(f"  {pid:<8} {len(band)} run{'s' if len(band) != 1 else ''}: {'; '.join(cells)}")
@@ -207,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--model", default=None, help="model for GPU topologies (key or folder)")
     s.add_argument("--timeout", type=float, default=900.0)
     s.add_argument("--log-dir", default=str(ROOT / "reports" / "serve-logs"))
+    s.add_argument("--topologies-dir", default=None, metavar="DIR", help="topology files (default: topologies/)")
     s.set_defaults(fn=cmd_serve)
     q = sub.add_parser("query", help="one streamed request with TTFT and per-token timing")
     q.add_argument("url", help="base URL, e.g. http://127.0.0.1:8000/cpu-pd-1p1-1d1")
@@ -220,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("plan", help="show the placement of a topology on this cluster")
     p.add_argument("topology")
     p.add_argument("--ray-address", default=None)
+    p.add_argument("--topologies-dir", default=None, metavar="DIR", help="topology files (default: topologies/)")
     p.set_defaults(fn=cmd_plan)
     d = sub.add_parser("diagnose", help="why is a deployment not ready: Serve, placement groups, replica logs, GPUs")
     d.add_argument("--ray-address", default="auto")
@@ -246,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     br.add_argument("point", metavar="POINT_ID", help="e.g. c4")
     br.add_argument("number", type=int, metavar="N", help="the run's number in `baseline show --runs` (2 or more)")
     br.set_defaults(fn=cmd_baseline_remove_run)
+    bm = bsub.add_parser("migrate", help="rewrite baseline files of an older schema as the current one")
+    bm.add_argument("paths", nargs="+", metavar="BASELINE_JSON|BASELINES_DIR")
+    bm.set_defaults(fn=cmd_baseline_migrate)
     sub.add_parser("compare", help="compare runs or a run against its baselines (pdperf compare -h)", add_help=False)
     sub.add_parser("planner", help="predict PD/collocated layouts from measured profiles, search under an SLO "
                                    "(pdperf planner -h)", add_help=False)

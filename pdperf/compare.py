@@ -2,7 +2,7 @@
 
 The question after every change to a cluster, an engine flag or a version is "did it get
 slower, and is that real?". This answers it from files alone, with the same statistics
-and thresholds as the baseline gate (pdperf.baselines): for each point id that A and B
+and thresholds as the baseline gate (pdperf.gate): for each point id that A and B
 share, and each gated metric, the ratio B/A with its bootstrap interval, the Mann-Whitney
 p-value and a verdict. A is the reference; B, C ... are each compared to it. Two point
 files with different ids are compared directly (e.g. a PD point against a collocated one);
@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
-from typing import Sequence
 
-from pdperf.baselines import (BASELINE_ROOT, THRESHOLDS_PATH, GateResult, Thresholds, compare_point, gate_point,
-                              load_thresholds, point_request_stats, point_samples)
 from pdperf.errors import PdperfError
+from pdperf.gate.store import new_entry
+from pdperf.gate.thresholds import BASELINE_ROOT, THRESHOLDS_PATH, Thresholds, load_thresholds
+from pdperf.gate.verdicts import GateResult, compare_point, gate_point
 from pdperf.report.html import CSS
 from pdperf.report.plots import RatioRow, ratio_chart, trim_ratio_rows
 from pdperf.report.rundata import ReportError, load_point_file, load_run
@@ -88,7 +89,7 @@ def compare_inputs(reference: Input, other: Input, thresholds: Thresholds, *,
                           f"vs {next(iter(reference.points), '-')}); {hint}")
     results = []
     for cur, ref in pairs:
-        entry = {"samples": point_samples(ref), "request_stats": point_request_stats(ref), "flags": list(ref.flags)}
+        entry = new_entry(ref)
         result = compare_point(cur, entry, ref.environment, thresholds, allow_cross_hardware=allow_cross_hardware)
         if cur.id != ref.id:
             result.point = f"{cur.id} vs {ref.id}"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata as md
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 
 def version(dist: str) -> str | None:

@@ -16,6 +16,7 @@ a snapshot into text and is tested on fake snapshots.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
 import subprocess
@@ -197,7 +198,7 @@ def render(snap: dict[str, Any]) -> str:
 def main(address: str, n: int = 40) -> str:
     import ray
 
-    ray.init(address=address, log_to_driver=False, configure_logging=False, logging_level="ERROR")
+    ray.init(address=address, log_to_driver=False, configure_logging=False, logging_level=logging.ERROR)
     try:
         return render(collect(n=n))
     finally:

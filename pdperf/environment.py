@@ -11,6 +11,7 @@ whether the machine or its settings differed).
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -18,16 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from pdperf import compat
+from pdperf.backends.base import Endpoint
 from pdperf.cluster import ClusterShape
+from pdperf.specs import Topology, Workload
 
 ENV_PREFIXES = ("UCX_", "NIXL_", "FI_", "VLLM_NIXL", "NCCL_")
 
 
-def git_sha(root: Path) -> str | None:
-    """The commit measured (``-dirty`` with uncommitted changes). PDPERF_GIT_SHA wins: a copy of
-    the tree whose ``.git`` does not match it (the GPU test machines' copy lagged a session)."""
-    if os.environ.get("PDPERF_GIT_SHA"):
-        return os.environ["PDPERF_GIT_SHA"].strip()
+def git_sha(root: Path, override: str | None = None) -> str | None:
+    """The commit measured (``-dirty`` with uncommitted changes). ``override`` wins (PDPERF_GIT_SHA,
+    read by the session's options): a copy of the tree whose ``.git`` does not match it (the GPU
+    test machines' copy lagged a session)."""
+    if override and override.strip():
+        return override.strip()
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10)
@@ -82,7 +86,8 @@ def gpu_facts(timeout_s: float = 20.0) -> dict[str, str]:
     return facts
 
 
-def fingerprint(shape: ClusterShape, *, backend: str, root: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def fingerprint(shape: ClusterShape, *, backend: str, root: Path, extra: dict[str, Any] | None = None,
+                git_sha_override: str | None = None) -> dict[str, Any]:
     gpu_nodes = shape.gpu_nodes
     env = {
         "hardware_id": shape.hardware_id,
@@ -102,10 +107,55 @@ def fingerprint(shape: ClusterShape, *, backend: str, root: Path, extra: dict[st
         "torch": compat.version("torch"),
         "ucx": ucx_version(),
         "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
-        "git_sha": git_sha(root),
+        "git_sha": git_sha(root, git_sha_override),
     }
     if gpu_nodes:  # (CPU runs: CI's container names change every run, and would be noted every time)
         env["host"] = platform.node() or None  # the driver's: where the load generator ran
         env.update(gpu_facts())
     env.update(extra or {})
     return env
+
+
+def point_environment(fingerprint: dict[str, Any], endpoint: Endpoint, *, pool: Any = None,
+                      engine_overrides: dict[str, Any] | None = None, workload: Workload | None = None
+                      ) -> dict[str, Any]:
+    """The environment recorded with a point: the session's fingerprint and the deployment's own."""
+    from pdperf.loadgen.runner import request_options
+
+    env = dict(fingerprint)
+    # eager engines decode 3-5x slower than the compiled ones users run: a band never mixes the two
+    env["engine_mode"] = engine_mode(endpoint.topology)
+    if workload is not None:  # what the requests asked of the server (temperature, per-chunk usage)
+        env["request_options"] = json.dumps(request_options(workload), sort_keys=True)
+    # A replica that restarted while the deployment started (H100: two engines raced for one
+    # torch.distributed port) says nothing about the load that follows: recorded with the
+    # environment and in the report's start-up table, not as a flag that would refuse a baseline.
+    env.update({"topology_kind": endpoint.topology.kind, "backend": endpoint.backend,
+                "startup_s": round(endpoint.startup_s, 1), "restarts_at_startup": endpoint.restarts_at_ready,
+                **{f"deploy_{k}": v for k, v in endpoint.details.items() if isinstance(v, (str, int, float))}})
+    beside = co_resident(pool, endpoint.name, endpoint.neighbours())
+    if beside:  # absent when alone, as in baselines recorded before the key: no note between lone points
+        env["co_resident"] = beside
+    if engine_overrides:  # --engine-arg: a gate against a baseline without them notes the difference
+        env["engine_overrides"] = json.dumps(engine_overrides, sort_keys=True)
+    if endpoint.model:  # the served model (--model changes it): a note when it differs, and no band mixes two
+        env["model"] = endpoint.model
+    return env
+
+
+def engine_mode(topology: Topology) -> str:
+    """"eager" (no torch.compile, no CUDA graphs: the CPU stack, or enforce_eager) or "compiled" (vLLM's default)."""
+    eager = topology.device == "cpu" or bool(topology.engine_kwargs.get("enforce_eager"))
+    return "eager" if eager else "compiled"
+
+
+def co_resident(pool: Any, name: str, seen: list[str] | None = None) -> str:
+    """The other deployments up while ``name`` is measured, sorted and comma-separated ("" when
+    none): the pool's, and ``seen``, those the backend sees (Serve apps another run kept up).
+    Recorded with each point: on 4x H100 the same collocated topology had ITL x1.8 at c1 with an
+    idle PD app up beside it against a run alone (cause unproven)."""
+    names = set(seen or [])
+    if pool is not None:
+        names.update(pool.alive())
+    names.discard(name)
+    return ",".join(sorted(names))

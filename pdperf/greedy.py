@@ -87,7 +87,7 @@ def compare_greedy(pd: GreedyOutput, ref: GreedyOutput, *, near_tie_nats: float 
     if pd.ids == ref.ids:
         return GreedyVerdict("match")
     i = next((k for k, (a, b) in enumerate(zip(pd.ids, ref.ids)) if a != b), min(len(pd.ids), len(ref.ids)))
-    margins = [m[i] for m in (pd.margins, ref.margins) if i < len(m) and m[i] is not None]
+    margins = [v for m in (pd.margins, ref.margins) if i < len(m) and (v := m[i]) is not None]
     where = (f"first differs at token {i}: PD {pd.ids[i] if i < len(pd.ids) else '(ended)'}, collocated "
              f"{ref.ids[i] if i < len(ref.ids) else '(ended)'}")
     if margins and min(margins) < near_tie_nats:

@@ -1,6 +1,7 @@
 """Deployments for a test session: each topology stood up once, shared, torn down at the end.
 
-The pool is what the session fixtures hold. ``get(topology)`` deploys on first use and
+The session's runtime (``pdperf.session.runtime.SessionRuntime``) owns the pool and gives it its
+one way to make a deployment (the backend factory). ``get(topology)`` deploys on first use and
 returns the same Endpoint afterwards; when ``max_alive`` deployments are up, or the next one's
 GPUs would not fit beside those up (``gpu_capacity``), the least recently used one is torn down
 first, even one ``--keep-deployments`` would leave running (a 2-core CI machine cannot hold many
@@ -14,8 +15,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from pdperf.backends.base import Deployment, Endpoint
 from pdperf.errors import PdperfError

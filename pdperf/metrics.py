@@ -19,20 +19,64 @@ bench does); the p99 interval is a seeded percentile bootstrap.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from pdperf.results import RequestRecord
+from pdperf.results import Distribution, PointSummary, RequestRecord, SloResult, Throughput
 from pdperf.stats import statistic_value
 
-LATENCY_METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "chunk_gap_ms", "e2e_ms", "queue_ms")
+if TYPE_CHECKING:
+    from pdperf.specs import SLO
+
+Direction = Literal["lower-is-better", "higher-is-better"]
+#: request: one sample per request; gap: one per inter-token or inter-chunk gap (many per request,
+#: moving together); point: one value per load point (throughput, goodput)
+Granularity = Literal["request", "gap", "point"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A named quantity the suite reports, gates or bounds: its unit, which way is better, and
+    how many samples a point gives (what a gate can test it on)."""
+
+    name: str
+    label: str
+    unit: str
+    direction: Direction
+    granularity: Granularity
+    description: str
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.direction == "lower-is-better"
+
+
+#: Every metric, defined once (specs, the gate, the report, the CLI read them from here).
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("ttft_ms", "TTFT", "ms", "lower-is-better", "request", "first token's arrival - scheduled send"),
+    Metric("tpot_ms", "TPOT", "ms", "lower-is-better", "request", "(e2e - ttft) / (output tokens - 1)"),
+    Metric("itl_ms", "ITL", "ms", "lower-is-better", "gap", "per-token gaps (a chunk of k tokens: k gaps of g/k)"),
+    Metric("chunk_gap_ms", "chunk gap", "ms", "lower-is-better", "gap", "gaps between content chunks"),
+    Metric("e2e_ms", "E2E", "ms", "lower-is-better", "request", "last token's arrival - scheduled send"),
+    Metric("queue_ms", "queue", "ms", "lower-is-better", "request", "actual send - scheduled send"),
+    Metric("req_per_s", "requests/s", "req/s", "higher-is-better", "point", "successful requests / window"),
+    Metric("input_tok_per_s", "input tok/s", "tok/s", "higher-is-better", "point", "prompt tokens / window"),
+    Metric("output_tok_per_s", "output tok/s", "tok/s", "higher-is-better", "point", "output tokens / window"),
+    Metric("output_tok_per_s_per_gpu", "output tok/s/GPU", "tok/s", "higher-is-better", "point",
+           "output tokens / window / GPUs"),
+    Metric("goodput_req_per_s", "goodput", "req/s", "higher-is-better", "point",
+           "requests meeting every per-request SLO bound / window"),
+    Metric("slo_attainment", "SLO attainment", "", "higher-is-better", "point",
+           "share of measured requests meeting every per-request SLO bound"),
+)}
+#: Metrics with samples (per request or per gap): what a distribution, an SLO or a gate is about.
+LATENCY_METRICS = tuple(n for n, m in METRICS.items() if m.granularity != "point")
 PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
-UNITS = {m: "ms" for m in LATENCY_METRICS}
-# Throughput-like numbers where bigger is better; every latency metric is smaller-is-better.
-HIGHER_IS_BETTER = {"req_per_s", "input_tok_per_s", "output_tok_per_s", "output_tok_per_s_per_gpu",
-                    "goodput_req_per_s", "slo_attainment"}
+UNITS = {n: m.unit for n, m in METRICS.items()}
+HIGHER_IS_BETTER = frozenset(n for n, m in METRICS.items() if not m.lower_is_better)
 
 
 def pkey(p: float) -> str:
@@ -97,7 +141,7 @@ def per_request_values(records: Iterable[RequestRecord], metric: str, statistic:
     if metric not in _PER_GAP:
         raise ValueError(f"per_request_values: {metric} has one sample per request already")
     gaps = (_PER_GAP[metric](r) for r in records if r.ok and not r.warmup)
-    return np.asarray([statistic_value(g, statistic) for g in gaps if g], dtype=float)
+    return np.asarray([statistic_value(np.asarray(g, dtype=float), statistic) for g in gaps if g], dtype=float)
 
 
 def samples(records: Iterable[RequestRecord], metric: str) -> np.ndarray:
@@ -130,32 +174,15 @@ def bootstrap_ci(values: np.ndarray, percentile: float, *, resamples: int = 1000
     return float(lo), float(hi)
 
 
-@dataclass(frozen=True)
-class Distribution:
-    n: int
-    mean: float | None
-    percentiles: dict[str, float]
-    p99_ci: tuple[float, float] | None
-
-    def to_dict(self) -> dict:
-        d: dict = {"n": self.n, "mean": self.mean, **self.percentiles}
-        d["p99_ci"] = list(self.p99_ci) if self.p99_ci else None
-        return d
-
-
 def describe(values: np.ndarray) -> Distribution:
     if len(values) == 0:
-        return Distribution(0, None, {pkey(p): None for p in PERCENTILES}, None)  # type: ignore[misc]
-    pct = np.percentile(values, PERCENTILES)
-    return Distribution(
-        n=int(len(values)),
-        mean=float(np.mean(values)),
-        percentiles={pkey(p): float(v) for p, v in zip(PERCENTILES, pct)},
-        p99_ci=bootstrap_ci(values, 99.0),
-    )
+        return Distribution()
+    p50, p90, p95, p99, p999 = (float(v) for v in np.percentile(values, PERCENTILES))
+    return Distribution(n=int(len(values)), mean=float(np.mean(values)), p50=p50, p90=p90, p95=p95, p99=p99,
+                        p99_9=p999, p99_ci=bootstrap_ci(values, 99.0))
 
 
-def meets(r: RequestRecord, slos: Sequence) -> bool:
+def meets(r: RequestRecord, slos: Sequence[SLO]) -> bool:
     """Whether one request meets every per-request SLO bound (used for goodput).
 
     A request meets ``p99_ttft_ms <= 500`` when its own TTFT is <= 500 ms (the SLO's percentile
@@ -196,7 +223,7 @@ def slo_observed(measured: Sequence[RequestRecord], metric: str, percentile: flo
 
 
 def summarize(records: Sequence[RequestRecord], *, duration_s: float, gpus: int = 0,
-              slos: Sequence = ()) -> dict:
+              slos: Sequence[SLO] = (), error_budget: float = 0.0) -> PointSummary:
     """The point's summary: distributions, throughput, goodput, SLO verdicts, errors."""
     measured = [r for r in records if not r.warmup]
     good = [r for r in measured if r.ok]
@@ -211,33 +238,21 @@ def summarize(records: Sequence[RequestRecord], *, duration_s: float, gpus: int 
     dur = max(duration_s, 1e-9)
     out_tok = sum(r.output_tokens for r in good)
     in_tok = sum(r.input_tokens for r in good)
-    dists = {m: describe(samples(measured, m)).to_dict() for m in LATENCY_METRICS}
     meeting = sum(1 for r in good if meets(r, slos)) if slos else len(good)
-    slo_results = []
     n_failed = len(measured) - len(good)
+    slo_results = []
     for slo in slos:
         observed = slo_observed(measured, slo.metric, slo.percentile)
-        entry = {"slo": str(slo), "metric": slo.metric, "percentile": slo.percentile,
-                 "bound": slo.bound, "observed": observed,
-                 "passed": observed is not None and observed <= slo.bound}
-        if observed is None and n_failed and slo.metric != "queue_ms":
-            entry["failed_requests"] = n_failed  # the failures alone decide it (their latency is unbounded)
-        slo_results.append(entry)
-    return {
-        "requests": len(measured),
-        "requests_ok": len(good),
-        "requests_failed": len(measured) - len(good),
-        "errors": errors,
-        "error_examples": examples,
-        "duration_s": duration_s,
-        "metrics": dists,
-        "throughput": {
-            "req_per_s": len(good) / dur,
-            "input_tok_per_s": in_tok / dur,
-            "output_tok_per_s": out_tok / dur,
-            "output_tok_per_s_per_gpu": (out_tok / dur / gpus) if gpus else None,
-        },
-        "goodput_req_per_s": meeting / dur,
-        "slo_attainment": (meeting / len(measured)) if measured else None,
-        "slos": slo_results,
-    }
+        slo_results.append(SloResult(
+            slo=str(slo), metric=slo.metric, percentile=slo.percentile, bound=slo.bound, observed=observed,
+            passed=observed is not None and observed <= slo.bound,
+            # the failures alone decide it (their latency is unbounded)
+            failed_requests=n_failed if observed is None and n_failed and slo.metric != "queue_ms" else None))
+    return PointSummary(
+        requests=len(measured), requests_ok=len(good), requests_failed=n_failed, errors=errors,
+        error_examples=examples, error_budget=error_budget, duration_s=duration_s,
+        metrics={m: describe(samples(measured, m)) for m in LATENCY_METRICS},
+        throughput=Throughput(req_per_s=len(good) / dur, input_tok_per_s=in_tok / dur, output_tok_per_s=out_tok / dur,
+                              output_tok_per_s_per_gpu=(out_tok / dur / gpus) if gpus else None),
+        goodput_req_per_s=meeting / dur, slo_attainment=(meeting / len(measured)) if measured else None,
+        slos=slo_results)

@@ -36,6 +36,7 @@ import shutil
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,14 @@ from filelock import FileLock
 from pdperf.errors import ModelError
 
 BUILDER_VERSION = 3
-DEFAULT_CACHE = Path(os.environ.get("PDPERF_MODEL_CACHE", Path(__file__).resolve().parent.parent / ".models"))
+DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".models"
+CACHE_ENV = "PDPERF_MODEL_CACHE"  # another cache folder (a shared disk, a read-only tree's writable copy)
+
+
+def cache_dir(environ: Mapping[str, str]) -> Path:
+    """The model cache a process uses: ``PDPERF_MODEL_CACHE`` in ``environ`` (the caller's environment,
+    read where the process starts: the session's options, a CLI), else ``.models/`` in the repo."""
+    return Path(environ[CACHE_ENV]) if environ.get(CACHE_ENV) else DEFAULT_CACHE
 
 # Tokenizer: byte-level BPE trained on a fixed, sorted list of stdlib files. Python's stdlib
 # is on every machine that runs this suite; the file list is part of the hash.
@@ -208,7 +216,7 @@ def _write_weights(dest: Path, config: dict[str, Any]) -> None:
 
     torch.manual_seed(0)
     cfg = LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
-    model = LlamaForCausalLM(cfg).to(torch.float32)
+    model = LlamaForCausalLM(cfg).to(torch.float32)  # type: ignore[arg-type]  # transformers' stubs
     # Sharpen the output layer so greedy argmax is far from ties: PD-vs-collocated equality
     # checks then test the KV handoff, not float rounding between two batch shapes.
     with torch.no_grad():
@@ -288,7 +296,7 @@ def has_weights(path: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pdperf.models", description="Build a model folder and print its path.")
     ap.add_argument("name", choices=sorted(MODELS))
-    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--cache", type=Path, default=cache_dir(os.environ), help=f"default: ${CACHE_ENV} or .models/")
     args = ap.parse_args(argv)
     try:
         print(ensure_model(args.name, args.cache))

@@ -4,6 +4,15 @@ A point's result keeps every request's raw timings (not only percentiles), the e
 it ran in and the server's telemetry, so that a later comparison can test significance on
 samples and refuse to compare across different hardware. Files carry ``schema_version``
 and are written atomically (temp file + rename): a crash never leaves half a result.
+
+The stages hand each other typed objects: the load generator's :class:`RequestRecord` (a
+plain dataclass: it is written once per chunk on the hot path), the point's
+:class:`PointSummary` (distributions, throughput, SLO results, failures), what the client
+measured of itself (:class:`ClientReport`), the server's telemetry (:class:`Telemetry`) and
+where it ran (:class:`Environment`). The last two name every field the suite reads; the
+diagnostic series they carry (per-URL counters, GPU and host-CPU samples) and keys another
+version wrote are kept as they came (``extra="allow"``), so a file written by a newer or older
+version loads without losing them. Schema 1 files load as they are (their keys are the same).
 """
 
 from __future__ import annotations
@@ -15,9 +24,183 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
+#: result files are meant to be shared: readable by everyone, writable by their owner
+FILE_MODE = 0o644
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class Distribution(_Closed):
+    """One metric's samples in a point: count, mean, percentiles (None without samples)."""
+
+    n: int = 0
+    mean: float | None = None
+    p50: float | None = None
+    p90: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+    p99_9: float | None = Field(None, alias="p99.9")
+    p99_ci: tuple[float, float] | None = None
+
+    def stat(self, statistic: str) -> float | None:
+        """``"p50"``, ``"p99.9"``, ``"mean"``: the statistic by its summary name."""
+        if statistic == "p99.9":
+            return self.p99_9
+        value = getattr(self, statistic, None) if statistic in ("mean", "p50", "p90", "p95", "p99") else None
+        return float(value) if value is not None else None
+
+
+class Throughput(_Closed):
+    req_per_s: float = 0.0
+    input_tok_per_s: float = 0.0
+    output_tok_per_s: float = 0.0
+    output_tok_per_s_per_gpu: float | None = None
+
+
+class SloResult(_Closed):
+    """One SLO of a point: the percentile observed over every measured request (a failed one
+    counted as unbounded: ``observed`` None and ``failed_requests`` set when they decide it)."""
+
+    slo: str
+    metric: str
+    percentile: float
+    bound: float
+    observed: float | None
+    passed: bool
+    failed_requests: int | None = None
+
+
+class PointSummary(_Closed):
+    """What a point's requests add up to (pdperf.metrics.summarize)."""
+
+    requests: int
+    requests_ok: int
+    requests_failed: int
+    errors: dict[str, int] = Field(default_factory=dict)
+    error_examples: dict[str, str] = Field(default_factory=dict)
+    error_budget: float = 0.0
+    duration_s: float
+    metrics: dict[str, Distribution]
+    throughput: Throughput
+    goodput_req_per_s: float = 0.0
+    slo_attainment: float | None = None
+    slos: list[SloResult] = Field(default_factory=list)
+
+    def stat(self, metric: str, statistic: str) -> float | None:
+        """``stat("ttft_ms", "p99")``; None when the point has no samples of the metric."""
+        d = self.metrics.get(metric)
+        return d.stat(statistic) if d is not None else None
+
+
+class ClientReport(_Closed):
+    """What the load generator measured of itself and asked of the server (pdperf.loadgen.runner)."""
+
+    cpu_s: float = 0.0
+    cpu_s_per_1k_tokens: float | None = None
+    processes: int = 1
+    worker_cpu_s: list[float] = Field(default_factory=list)
+    parent_cpu_s: float = 0.0
+    busiest_worker_cpu_util: float | None = None
+    loop_lag_p99_ms: float | None = None
+    loop_lag_max_ms: float | None = None
+    token_accounting: dict[str, int] = Field(default_factory=dict)
+    output_length_mismatch: int = 0
+    input_length_mismatch: int = 0
+    clock: str = ""
+    event_loop: str = ""
+    aiohttp: str = ""
+    salt: str = ""
+    prefix_cache_reset: str = ""
+    prompt_build_s: float | None = None
+    request_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Telemetry(_Open):
+    """The servers' own numbers over the measured phase (pdperf.loadgen.telemetry.summarize): the
+    fields the suite reads, typed; per-URL values (``by_url``), raw counter deltas (``raw``), the
+    client host's GPU (``gpu``) and serving-process CPU (``host_cpu``) samples and gauge maxima
+    ride along for the report."""
+
+    server_ttft_mean_s: float | None = None
+    server_itl_mean_s: float | None = None
+    server_tpot_mean_s: float | None = None
+    server_e2e_mean_s: float | None = None
+    queue_time_s: float | None = None
+    prefill_time_s: float | None = None
+    decode_time_s: float | None = None
+    inference_time_s: float | None = None
+    kv_transfer_time_s: float | None = None
+    kv_post_time_s: float | None = None
+    server_requests: float | None = None
+    kv_transfers: float | None = None
+    kv_bytes: float | None = None
+    preemptions: float | None = None
+    kv_failed_transfers: float | None = None
+    kv_expired_requests: float | None = None
+    prompt_tokens: float | None = None
+    generation_tokens: float | None = None
+    prefix_cache_hit_rate: float | None = None
+    estimated_means: list[str] = Field(default_factory=list)
+    mean_bounds_s: dict[str, list[float | None]] = Field(default_factory=dict)
+    counter_resets: list[str] = Field(default_factory=list)
+    scrape_errors: dict[str, str] = Field(default_factory=dict)
+    nixl_metrics_present: list[str] = Field(default_factory=list)
+    samples_during: int = 0
+    by_url: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    raw: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    gpu: dict[str, Any] = Field(default_factory=dict)
+    host_cpu: dict[str, Any] = Field(default_factory=dict)
+
+    def mean_bounds(self, key: str) -> tuple[float | None, float | None] | None:
+        b = self.mean_bounds_s.get(key)
+        return (b[0], b[1]) if b else None
+
+
+class Environment(_Open):
+    """Where and how a point ran (pdperf.environment.fingerprint and the deployment's own keys;
+    ``deploy_*`` keys and GPU details another version adds ride along)."""
+
+    hardware_id: str | None = None
+    backend: str | None = None
+    nodes: int | None = None
+    gpu_nodes: int | None = None
+    gpus: int | None = None
+    gpu_model: str | None = None
+    gpus_per_node: list[int] = Field(default_factory=list)
+    efa: dict[str, int] = Field(default_factory=dict)
+    cpu_model: str | None = None
+    cpu_cores: int | None = None
+    python: str | None = None
+    ray: str | None = None
+    vllm: str | None = None
+    nixl: str | None = None
+    torch: str | None = None
+    ucx: str | None = None
+    settings: dict[str, str] = Field(default_factory=dict)
+    git_sha: str | None = None
+    host: str | None = None
+    topology_kind: str | None = None
+    startup_s: float | None = None
+    restarts_at_startup: int | None = None
+    engine_mode: str | None = None
+    engine_overrides: str | None = None
+    request_options: str | None = None
+    model: str | None = None
+    co_resident: str | None = None
+
+    def scalars(self) -> dict[str, Any]:
+        """Every key with a scalar value (what a comparison of two environments lists)."""
+        return {k: v for k, v in self.model_dump().items() if not isinstance(v, (dict, list))}
 
 
 @dataclass
@@ -52,13 +235,17 @@ class RequestRecord:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RequestRecord":
+    def from_dict(cls, d: dict[str, Any]) -> RequestRecord:
         return cls(**d)
 
 
 @dataclass
 class PointResult:
-    """One load point of one topology under one workload."""
+    """One load point of one topology under one workload.
+
+    The typed members also take their JSON form (a dict) at construction, so a file or a test
+    can hand over plain data: it is validated into the type here, once.
+    """
 
     topology: str
     workload: str
@@ -69,30 +256,46 @@ class PointResult:
     started_at: str
     duration_s: float
     records: list[RequestRecord]
-    summary: dict[str, Any] = field(default_factory=dict)
-    telemetry: dict[str, Any] = field(default_factory=dict)
-    environment: dict[str, Any] = field(default_factory=dict)
+    summary: PointSummary
+    telemetry: Telemetry = field(default_factory=Telemetry)
+    environment: Environment = field(default_factory=Environment)
     flags: list[str] = field(default_factory=list)  # e.g. "replica_restart_during_load"
-    client: dict[str, Any] = field(default_factory=dict)  # client CPU seconds etc.
+    client: ClientReport = field(default_factory=ClientReport)
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if isinstance(self.summary, dict):
+            self.summary = PointSummary.model_validate(self.summary)
+        if isinstance(self.telemetry, dict):
+            self.telemetry = Telemetry.model_validate(self.telemetry)
+        if isinstance(self.environment, dict):
+            self.environment = Environment.model_validate(self.environment)
+        if isinstance(self.client, dict):
+            self.client = ClientReport.model_validate(self.client)
 
     @property
     def id(self) -> str:
         return f"{self.topology}/{self.workload}/{self.point_id}"
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["id"] = self.id
-        return d
+        return {"topology": self.topology, "workload": self.workload, "point_id": self.point_id,
+                "sweep_kind": self.sweep_kind, "point_value": self.point_value, "gpus": self.gpus,
+                "started_at": self.started_at, "duration_s": self.duration_s,
+                "records": [asdict(r) for r in self.records],
+                "summary": self.summary.model_dump(by_alias=True),
+                "telemetry": self.telemetry.model_dump(), "environment": self.environment.model_dump(),
+                "flags": list(self.flags), "client": self.client.model_dump(),
+                "schema_version": SCHEMA_VERSION, "id": self.id}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PointResult":
+    def from_dict(cls, d: dict[str, Any]) -> PointResult:
         d = dict(d)
         d.pop("id", None)
         version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ValueError(f"result schema_version {version} is not {SCHEMA_VERSION}; "
-                             "re-run the point or convert the file")
+        if version not in READABLE_SCHEMA_VERSIONS:
+            raise ValueError(f"result schema_version {version} is not one of {READABLE_SCHEMA_VERSIONS}; "
+                             "re-run the point with this version of pdperf")
+        d["schema_version"] = SCHEMA_VERSION
         d["records"] = [RequestRecord.from_dict(r) for r in d["records"]]
         return cls(**d)
 
@@ -103,7 +306,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -55,7 +55,7 @@ class Topology(_Strict):
     tags: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _check(self) -> "Topology":
+    def _check(self) -> Topology:
         n = self.name
         if self.kind == "collocated":
             if self.collocated is None:
@@ -105,15 +105,31 @@ class Topology(_Strict):
         return 2 if self.placement == "spread" else 1
 
 
+#: What an SLO can bound: the latency metrics with per-request samples, one number a request
+#: (pdperf.metrics; chunk gaps are a reader's view of the stream, not a service level)
+SLO_METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "queue_ms")
+
+
 class SLO(_Strict):
     """An upper bound on one percentile of one latency metric, e.g. ``p99_ttft_ms <= 500``."""
 
-    metric: Literal["ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "queue_ms"]
+    metric: str
     percentile: float = Field(99.0, gt=0, le=100)
     bound: float = Field(gt=0)
 
+    @field_validator("metric")
     @classmethod
-    def parse(cls, text: str) -> "SLO":
+    def _latency_metric(cls, v: str) -> str:
+        from pdperf.metrics import METRICS
+
+        if v not in SLO_METRICS:
+            known = ", ".join(SLO_METRICS)
+            what = "a per-point number, not a latency with percentiles" if v in METRICS else "unknown"
+            raise ValueError(f"metric '{v}' is {what}; an SLO bounds one of {known}")
+        return v
+
+    @classmethod
+    def parse(cls, text: str) -> SLO:
         m = re.fullmatch(r"\s*p(\d+(?:\.\d+)?)_([a-z_]+_ms)\s*<=\s*(\d+(?:\.\d+)?)\s*", text)
         if not m:
             raise SpecError(f"SLO '{text}': expected the form 'p99_ttft_ms <= 500'")
@@ -149,7 +165,7 @@ class Sweep(_Strict):
     stop_after_slo_failures: int = Field(2, ge=0, description="stop the sweep after this many consecutive SLO misses (0 never)")
 
     @model_validator(mode="after")
-    def _check(self) -> "Sweep":
+    def _check(self) -> Sweep:
         if self.kind == "concurrency" and any(p != int(p) or p < 1 for p in self.points):
             raise ValueError(f"sweep: concurrency points must be whole numbers >= 1, got {self.points}")
         if self.kind == "rate" and any(p <= 0 for p in self.points):
@@ -213,7 +229,7 @@ class Workload(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _check(self) -> "Workload":
+    def _check(self) -> Workload:
         if self.dataset == "prefill_only" and self.osl != 1:
             raise ValueError(f"workload {self.name}: dataset 'prefill_only' needs osl: 1 (got {self.osl})")
         if self.dataset == "prefix_repetition" and not (0 < self.prefix_len < self.isl):
@@ -249,7 +265,10 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _load_spec(path: Path, model: type[_Strict]) -> Any:
+SpecT = TypeVar("SpecT", "Topology", "Workload")
+
+
+def _load_spec(path: Path, model: type[SpecT]) -> SpecT:
     data = load_yaml(path)
     data.setdefault("name", Path(path).stem)
     try:

@@ -117,7 +117,8 @@ def statistic_value(values: np.ndarray, statistic: str) -> float:
 
 def _statistic_rows(matrix: np.ndarray, statistic: str) -> np.ndarray:
     q = parse_statistic(statistic)
-    return matrix.mean(axis=1) if q is None else np.percentile(matrix, q, axis=1)
+    rows: np.ndarray = matrix.mean(axis=1) if q is None else np.percentile(matrix, q, axis=1)
+    return rows
 
 
 def even_subsample(values: np.ndarray, cap: int = DEFAULT_SAMPLE_CAP) -> np.ndarray:
@@ -134,7 +135,8 @@ def even_subsample(values: np.ndarray, cap: int = DEFAULT_SAMPLE_CAP) -> np.ndar
         return values
     ordered = np.sort(values)
     idx = np.round(np.linspace(0, len(ordered) - 1, cap)).astype(int)
-    return ordered[idx]
+    picked: np.ndarray = ordered[idx]
+    return picked
 
 
 def bootstrap_ratio_ci(current: np.ndarray, baseline: np.ndarray, statistic: str, *,

@@ -12,9 +12,9 @@ import os
 import signal
 import subprocess
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from pdperf.placement import PlacementPlan
 from pdperf.specs import Topology

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import MutableMapping
 
 # Set in a role's runtime_env when the topology sets no VLLM_DP_MASTER_PORT of its own.
 MARK = "PDPERF_TCPSTORE_PORT"
@@ -44,14 +45,14 @@ def free_scan_base(tries: int = 20) -> int:
     raise RuntimeError(f"no free port below {65535 - SCAN_WINDOW} after {tries} tries")
 
 
-def choose_tcpstore_base(environ: dict | None = None) -> int | None:
+def choose_tcpstore_base(environ: MutableMapping[str, str] | None = None) -> int | None:
     """Set VLLM_DP_MASTER_PORT for this process's engine where the role asked for it; returns the value."""
     # looked up at call time: a default argument would be pickled, by value, as a copy
-    environ = os.environ if environ is None else environ
-    if environ.get(MARK) != MARK_VALUE:
+    env: MutableMapping[str, str] = os.environ if environ is None else environ
+    if env.get(MARK) != MARK_VALUE:
         return None
     base = free_scan_base()
-    environ["VLLM_DP_MASTER_PORT"] = str(base)
+    env["VLLM_DP_MASTER_PORT"] = str(base)
     return base
 
 

@@ -31,21 +31,15 @@ from pdperf import compat
 from pdperf.backends import ray_replica
 from pdperf.backends.base import Deployment, Endpoint, ray_worker_log, tail_file
 from pdperf.cluster import NodeInfo, nodes_from_ray
+from pdperf.engine import engine_env, engine_kwargs
 from pdperf.errors import ClusterError, DeployError
-from pdperf.models import ensure_model, has_weights
+from pdperf.models import DEFAULT_CACHE, ensure_model
 from pdperf.placement import PlacementPlan, plan
 from pdperf.specs import Topology
 from pdperf.waiting import WaitTimeout, free_port, poll_until
 
 log = logging.getLogger(__name__)
 PROGRESS = logging.getLogger("pdperf.progress")  # shown on the terminal during long waits (fixtures/session.py)
-
-LOOPBACK_ENV = {
-    "VLLM_HOST_IP": "127.0.0.1",
-    "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
-    "UCX_NET_DEVICES": "lo",
-}
-CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 # vLLM 0.26's Ray executor (RayExecutorV2) puts an engine's torch.distributed TCPStore on the
 # first free port from VLLM_DP_MASTER_PORT + 100 (default 0, so port 100) on every engine of a
@@ -59,7 +53,8 @@ CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
 TCPSTORE_BASES = range(23000, 32000, 160)
 # How often Ray exports metrics (vLLM's reach /metrics only through it): Ray's default, 10 s, left
 # a point's after-scrape short of its last seconds (CPU: the engines counted 49 of 60 measured
-# requests; 60 of 60 at 1 s). Heads the suite starts use 1 s; a cluster's own heads need
+# requests; 60 of 60 at 1 s). Heads the suite starts use 1 s (or RAY_metrics_report_interval_ms
+# from the environment, which the session's options read); a cluster's own heads need
 # RAY_metrics_report_interval_ms=1000 in every node's environment before `ray start`.
 METRICS_REPORT_INTERVAL_MS = 1000
 
@@ -91,9 +86,11 @@ def _check_gcs_reachable(address: str, timeout_s: float = 5.0) -> None:
 class RayCluster:
     """A Ray cluster with Serve running: a local head on loopback, or an existing cluster."""
 
-    def __init__(self, address: str | None = None, *, num_cpus: int | None = None):
+    def __init__(self, address: str | None = None, *, num_cpus: int | None = None,
+                 metrics_report_interval_ms: int = METRICS_REPORT_INTERVAL_MS):
         self.address = address
         self.num_cpus = num_cpus
+        self.metrics_report_interval_ms = metrics_report_interval_ms  # a local head's; a cluster keeps its own
         self.local = address is None
         self.http_port: int | None = None
         self.http_host = "127.0.0.1"
@@ -101,23 +98,22 @@ class RayCluster:
         self._nodes: list[NodeInfo] | None = None
         self._preexisting_engines: set[int] = set()
 
-    def start(self) -> "RayCluster":
+    def start(self) -> RayCluster:
         import ray
         from ray import serve
 
         if self.local:
             self._preexisting_engines = _engine_pids()
             self.metrics_port = free_port()
-            interval = int(os.environ.get("RAY_metrics_report_interval_ms") or METRICS_REPORT_INTERVAL_MS)
             ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                      num_cpus=self.num_cpus or max(8, os.cpu_count() or 1), log_to_driver=False,
                      _metrics_export_port=self.metrics_port, configure_logging=False,
-                     _system_config={"metrics_report_interval_ms": interval})
+                     _system_config={"metrics_report_interval_ms": self.metrics_report_interval_ms})
             self.http_port = free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": self.http_port})
         else:
             try:
-                _check_gcs_reachable(self.address)
+                _check_gcs_reachable(str(self.address))
                 ray.init(address=self.address, log_to_driver=False, configure_logging=False)
             except (ConnectionError, ValueError, RuntimeError) as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -201,37 +197,10 @@ def _engine_pids() -> set[int]:
     return out
 
 
-def engine_env(t: Topology, local: bool) -> dict[str, str]:
-    env: dict[str, str] = {}
-    if local:
-        env.update(LOOPBACK_ENV)
-    if t.device == "cpu":
-        env.update(CPU_ENV)
-    if t.ucx_tls:
-        env["UCX_TLS"] = t.ucx_tls
-    if t.kv_transport == "LIBFABRIC":
-        env.setdefault("FI_PROVIDER", "efa")
-    env.update(t.env)
-    return env
-
-
-def engine_kwargs(t: Topology, role: str, model_path: Path) -> dict[str, Any]:
-    """vLLM engine arguments of one role: the same for the ray and the vllm backend."""
-    r = t.roles()[role]
-    kwargs: dict[str, Any] = {"tensor_parallel_size": r.tp, "max_model_len": t.max_model_len}
-    if t.device == "cpu":
-        kwargs.update({"enforce_eager": True, "dtype": "float32"})
-    if not has_weights(model_path):
-        kwargs["load_format"] = "dummy"
-    if t.kind == "pd":
-        kwargs["kv_transfer_config"] = compat.nixl_kv_transfer_config(role, t.device, t.kv_transport)
-    kwargs.update(t.engine_kwargs)
-    return kwargs
-
-
 def llm_config(t: Topology, role: str, model_path: Path, placement: PlacementPlan, local: bool,
                *, stream_batching_interval_ms: int = 0, tcpstore_base: int | None = None) -> dict[str, Any]:
-    """The LLMConfig (as a dict) for one role of a topology."""
+    """The LLMConfig (as a dict) for one role of a topology: the engine's arguments and environment
+    from pdperf.engine (as the vllm backend's), with Ray's replica count, placement and start-up settings."""
     r = t.roles()[role]
     env = engine_env(t, local)
     if t.device == "gpu" and tcpstore_base is not None and "VLLM_DP_MASTER_PORT" not in env:
@@ -252,7 +221,10 @@ def llm_config(t: Topology, role: str, model_path: Path, placement: PlacementPla
 
 
 def build_app(t: Topology, model_path: Path, placement: PlacementPlan, local: bool,
-              *, stream_batching_interval_ms: int = 0):
+              *, stream_batching_interval_ms: int = 0, wrap_servers: bool = True):
+    """The Serve application of ``t``. ``wrap_servers=False`` (PDPERF_WRAP_RAY_SERVERS=0, read by the
+    session's options) deploys Ray's own server classes, with the per-role port base only: the way
+    out should a Ray version reject the wrapped ones."""
     from ray.serve.llm import build_openai_app, build_pd_openai_app
 
     ingress = {"num_replicas": t.ingress_replicas}
@@ -260,15 +232,13 @@ def build_app(t: Topology, model_path: Path, placement: PlacementPlan, local: bo
     bases = random.SystemRandom().sample(TCPSTORE_BASES, 2)  # a different one per role
     # The server classes, wrapped to pick a port per replica, travel by value: a Ray worker on
     # another node need not import pdperf.
-    # PDPERF_WRAP_RAY_SERVERS=0 turns the wrapping off (Ray's own classes, the per-role base only).
-    wrap = os.environ.get("PDPERF_WRAP_RAY_SERVERS", "1") != "0"
-    if wrap:
+    if wrap_servers:
         import ray.cloudpickle
 
         ray.cloudpickle.register_pickle_by_value(ray_replica)
     if t.kind == "collocated":
         cfg = llm_config(t, "collocated", model_path, placement, local, **kw, tcpstore_base=bases[0])
-        if wrap:
+        if wrap_servers:
             cfg["server_cls"] = ray_replica.own_port(compat.llm_server_cls())
         return build_openai_app({"llm_configs": [cfg], "ingress_deployment_config": ingress})
     pd_args = {
@@ -276,7 +246,7 @@ def build_app(t: Topology, model_path: Path, placement: PlacementPlan, local: bo
         "decode_config": llm_config(t, "decode", model_path, placement, local, **kw, tcpstore_base=bases[1]),
         "ingress_deployment_config": ingress,
     }
-    if not wrap:
+    if not wrap_servers:
         return build_pd_openai_app(pd_args)
     with compat.pd_server_classes(ray_replica.own_port) as wrapped:
         if not wrapped:
@@ -334,11 +304,14 @@ class RayServeDeployment(Deployment):
     backend = "ray"
 
     def __init__(self, topology: Topology, cluster: RayCluster, *, model: str | None = None,
-                 stream_batching_interval_ms: int = 0, app_suffix: str = "", keep: bool = False):
+                 stream_batching_interval_ms: int = 0, app_suffix: str = "", keep: bool = False,
+                 wrap_servers: bool = True, model_cache: Path = DEFAULT_CACHE):
         self.topology = topology
         self.keep = keep
         self.cluster = cluster
         self.model = model or topology.model
+        self.model_cache = model_cache
+        self.wrap_servers = wrap_servers
         self.stream_batching_interval_ms = stream_batching_interval_ms
         self.app = topology.name + app_suffix
         self._started = False
@@ -404,7 +377,7 @@ class RayServeDeployment(Deployment):
         self._placement = plan(t, self.cluster.nodes())
         if not self._placement.feasible:
             raise ClusterError(self._placement.reason or "")
-        self._model_path = ensure_model(self.model)
+        self._model_path = ensure_model(self.model, cache=self.model_cache)
         self._t0 = time.monotonic()
         self._adopted = False
         self._earlier_actors = {a.get("ActorID") for a in _replica_actors(self.app) if a.get("State") == "DEAD"}
@@ -423,7 +396,7 @@ class RayServeDeployment(Deployment):
             self._adopted = True
             return
         app = build_app(t, self._model_path, self._placement, self.cluster.local,
-                        stream_batching_interval_ms=self.stream_batching_interval_ms)
+                        stream_batching_interval_ms=self.stream_batching_interval_ms, wrap_servers=self.wrap_servers)
         self._started = True
         try:
             compat.serve_run_nowait(app, name=self.app, route_prefix=f"/{self.app}")

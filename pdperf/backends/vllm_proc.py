@@ -1,11 +1,13 @@
 """Plain ``vllm serve`` processes: the no-Ray reference that shows what Ray itself costs.
 
 Each engine of the topology is one ``vllm serve`` process on a free port (on GPU machines its
-GPUs through CUDA_VISIBLE_DEVICES, never ones another live deployment of the session holds); PD
-and multi-replica topologies get the small proxy in ``pd_proxy``. Single-node only: a
-multi-node topology is skipped with the reason. Every process is started in its own process
-group and killed as a group. Readiness races every engine's ``/health`` against its process
-exiting.
+GPUs through CUDA_VISIBLE_DEVICES, never ones another live deployment of the session holds: the
+session's ``GpuLedger``, handed in); its arguments and environment come from ``pdperf.engine``,
+as the ray backend's do, so the two differ only in what stands around the engines. PD and
+multi-replica topologies get the small proxy in ``pd_proxy``. Single-node only: a multi-node
+topology is skipped with the reason. Every process is started in its own process group and
+killed as a group (it inherits this process's environment, plus the engine's). Readiness races
+every engine's ``/health`` against its process exiting.
 """
 
 from __future__ import annotations
@@ -21,12 +23,11 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pdperf.backends.base import Deployment, Endpoint, kill_process_group, nonblank_tail, tail_file
-from pdperf.backends.ray_serve import engine_env, engine_kwargs
+from pdperf.engine import vllm_serve_args, vllm_serve_env
 from pdperf.errors import ClusterError, DeployError
-from pdperf.models import ensure_model
+from pdperf.models import DEFAULT_CACHE, ensure_model
 from pdperf.specs import Topology
 from pdperf.waiting import WaitTimeout, free_port, poll_until
 
@@ -41,33 +42,16 @@ class _Proc:
     log_path: Path
 
 
-def _flags(kwargs: dict[str, Any]) -> list[str]:
-    out: list[str] = []
-    for k, v in kwargs.items():
-        flag = "--" + k.replace("_", "-")
-        if v is True:
-            out.append(flag)
-        elif v is False:  # vLLM's boolean flags take --no-X (BooleanOptionalAction); dropping it would
-            out.append("--no-" + flag[2:])  # leave a default of True (enable_prefix_caching) in place
-        elif v is None:
-            continue
-        elif isinstance(v, (dict, list)):
-            out += [flag, json.dumps(v)]
-        else:
-            out += [flag, str(v)]
-    return out
-
-
 def vllm_cli() -> list[str]:
     exe = shutil.which("vllm", path=str(Path(sys.executable).parent)) or shutil.which("vllm")
     return [exe] if exe else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 
 
-def visible_gpus() -> list[str]:
-    """This process's GPUs as CUDA_VISIBLE_DEVICES entries: its own list when set, else 0..n-1 from nvidia-smi."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [x.strip() for x in visible.split(",") if x.strip()]
+def visible_gpus(cuda_visible_devices: str | None) -> list[str]:
+    """This process's GPUs as CUDA_VISIBLE_DEVICES entries: ``cuda_visible_devices`` (the process's own
+    CUDA_VISIBLE_DEVICES, read by the caller) when set, else 0..n-1 from nvidia-smi."""
+    if cuda_visible_devices is not None:
+        return [x.strip() for x in cuda_visible_devices.split(",") if x.strip()]
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
@@ -79,15 +63,20 @@ class GpuLedger:
     """Which GPUs this session's live ``vllm serve`` deployments hold, so that two deployments up at once
     (a PD topology and its collocated reference) never share a GPU. Seen on 4x H100 before it existed:
     both started from GPU 0 and the second engine failed with "Free memory on device cuda:0 … is less
-    than desired GPU memory utilization"."""
+    than desired GPU memory utilization".
 
-    def __init__(self, devices: list[str] | None = None):
+    One ledger per session (``pdperf.session.runtime.SessionRuntime`` owns it), handed to every
+    deployment: ``devices`` lists the GPUs to hand out, or None to ask ``visible_gpus`` (with the
+    process's ``cuda_visible_devices``) the first time they are needed."""
+
+    def __init__(self, devices: list[str] | None = None, *, cuda_visible_devices: str | None = None):
         self._devices = devices
+        self._cuda_visible_devices = cuda_visible_devices
         self._held: dict[str, str] = {}  # device -> topology
 
     def devices(self) -> list[str]:
         if self._devices is None:
-            self._devices = visible_gpus()
+            self._devices = visible_gpus(self._cuda_visible_devices)
         return self._devices
 
     def take(self, owner: str, n: int) -> list[str]:
@@ -105,25 +94,26 @@ class GpuLedger:
         self._held = {d: o for d, o in self._held.items() if o != owner}
 
 
-LEDGER = GpuLedger()
-
-
 class VllmProcessDeployment(Deployment):
     backend = "vllm"
 
-    def __init__(self, topology: Topology, log_dir: Path, *, model: str | None = None):
+    def __init__(self, topology: Topology, log_dir: Path, *, ledger: GpuLedger, model: str | None = None,
+                 model_cache: Path = DEFAULT_CACHE):
         self.topology = topology
         self.model = model or topology.model
+        self.model_cache = model_cache
         self.log_dir = Path(log_dir)
+        self.ledger = ledger
         self.procs: list[_Proc] = []
         self._ledger_owner: str | None = None
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str], url: str) -> _Proc:
+        """Start ``cmd`` in a process group of its own; ``env`` is what it adds to this process's environment."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{self.topology.name}-{name}.log"
         with open(log_path, "wb") as logf:
-            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                    stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                                    start_new_session=True, stdin=subprocess.DEVNULL)
         p = _Proc(name, proc, url, log_path)
         self.procs.append(p)
         return p
@@ -143,26 +133,22 @@ class VllmProcessDeployment(Deployment):
         t = self.topology
         if t.nodes_needed > 1:
             raise ClusterError(f"topology {t.name}: the vllm backend runs on one node; 'spread' needs the ray backend")
-        gpus_here = len(LEDGER.devices()) if t.device == "gpu" else 0
+        gpus_here = len(self.ledger.devices()) if t.device == "gpu" else 0
         if t.device == "gpu" and gpus_here < t.gpus:
             raise ClusterError(f"topology {t.name}: needs {t.gpus} GPUs, this node has {gpus_here}")
-        model_path = ensure_model(self.model)
-        mine = LEDGER.take(t.name, t.gpus) if t.device == "gpu" else []
+        model_path = ensure_model(self.model, cache=self.model_cache)
+        mine = self.ledger.take(t.name, t.gpus) if t.device == "gpu" else []
         self._ledger_owner = t.name
         t0 = time.monotonic()
         engines: dict[str, list[_Proc]] = {}
         for role, r in t.roles().items():
             for i in range(r.replicas):
                 port = free_port()
-                env = dict(os.environ)
-                env.update(engine_env(t, local=True))
-                env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(free_port())
-                env["VLLM_SERVER_DEV_MODE"] = "1"  # exposes /reset_prefix_cache, used between load points
+                devices = None
                 if t.device == "gpu":
-                    env["CUDA_VISIBLE_DEVICES"] = ",".join(mine[:r.tp])
-                    mine = mine[r.tp:]
-                kwargs = {"served_model_name": t.name, **engine_kwargs(t, role, model_path)}
-                cmd = vllm_cli() + ["serve", str(model_path), "--host", "127.0.0.1", "--port", str(port)] + _flags(kwargs)
+                    devices, mine = mine[:r.tp], mine[r.tp:]
+                env = vllm_serve_env(t, side_channel_port=free_port(), devices=devices)
+                cmd = vllm_cli() + vllm_serve_args(t, role, model_path, port)
                 engines.setdefault(role, []).append(self._spawn(f"{role}{i}", cmd, env, f"http://127.0.0.1:{port}"))
         front: _Proc | None = None
         all_engines = [p for ps in engines.values() for p in ps]
@@ -172,7 +158,7 @@ class VllmProcessDeployment(Deployment):
             cmd = [sys.executable, "-m", "pdperf.backends.pd_proxy", "--port", str(port),
                    "--decode", ",".join(p.url for p in decode),
                    "--prefill", ",".join(p.url for p in engines.get("prefill", []))]
-            front = self._spawn("proxy", cmd, dict(os.environ), f"http://127.0.0.1:{port}")
+            front = self._spawn("proxy", cmd, {}, f"http://127.0.0.1:{port}")
         self._t0, self._model_path, self._front, self._engines = t0, model_path, front, all_engines
 
     def wait_ready(self, timeout_s: float = 900.0) -> Endpoint:
@@ -212,7 +198,7 @@ class VllmProcessDeployment(Deployment):
             kill_process_group(p.proc)
         self.procs.clear()
         if self._ledger_owner:
-            LEDGER.release(self._ledger_owner)
+            self.ledger.release(self._ledger_owner)
             self._ledger_owner = None
 
 
@@ -222,12 +208,13 @@ class ExternalDeployment(Deployment):
     backend = "external"
 
     def __init__(self, topology: Topology, url: str, *, tokenizer: str | None = None, model_id: str | None = None,
-                 metrics_urls: list[str] | None = None):
+                 metrics_urls: list[str] | None = None, model_cache: Path = DEFAULT_CACHE):
         self.topology = topology
         self.url = url.rstrip("/")
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.metrics_urls = metrics_urls or []
+        self.model_cache = model_cache
 
     def launch(self) -> None:
         pass
@@ -247,7 +234,7 @@ class ExternalDeployment(Deployment):
         model_id = self.model_id or (ids[0] if ids else None)
         if not model_id or model_id not in ids:
             raise DeployError(f"--external-url {self.url}: serves models {ids}, not '{model_id}'; pass --external-model")
-        tokenizer = ensure_model(self.tokenizer or self.topology.model)
+        tokenizer = ensure_model(self.tokenizer or self.topology.model, cache=self.model_cache)
         return Endpoint(topology=self.topology, backend=self.backend, base_url=self.url, model_id=model_id,
                         tokenizer_path=tokenizer, model=model_id, metrics_urls=self.metrics_urls, startup_s=0.0,
                         details={"url": self.url})

@@ -38,8 +38,9 @@ import heapq
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import aiohttp
 import numpy as np
@@ -426,15 +427,11 @@ class ClientStats:
     output_length_mismatch: int = 0  # ok requests whose output_tokens != max_tokens
     input_length_mismatch: int = 0  # ok requests whose prompt_tokens != the dataset's ISL
 
-    def merge(self, other: "ClientStats") -> None:
+    def merge(self, other: ClientStats) -> None:
         for k, v in other.accounting.items():
             self.accounting[k] = self.accounting.get(k, 0) + v
         self.output_length_mismatch += other.output_length_mismatch
         self.input_length_mismatch += other.input_length_mismatch
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"token_accounting": dict(self.accounting), "output_length_mismatch": self.output_length_mismatch,
-                "input_length_mismatch": self.input_length_mismatch}
 
 
 class StreamingClient:
@@ -461,7 +458,7 @@ class StreamingClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 30.0))
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> "StreamingClient":
+    async def __aenter__(self) -> StreamingClient:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=False,
                                          keepalive_timeout=120, use_dns_cache=True)
         self._session = aiohttp.ClientSession(
@@ -622,6 +619,14 @@ async def run_open_loop(client: StreamingClient, requests: Sequence[PreparedRequ
     return list(await asyncio.gather(*tasks))
 
 
+@dataclass(frozen=True)
+class LoopLag:
+    """How late the event loop woke up over a phase (None without samples)."""
+
+    p99_ms: float | None
+    max_ms: float | None
+
+
 class LoopLagMonitor:
     """Measures how late the event loop wakes up: the client's own saturation signal.
 
@@ -646,7 +651,7 @@ class LoopLagMonitor:
         self.lags_s = []
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def stop(self) -> dict[str, float | None]:
+    async def stop(self) -> LoopLag:
         if self._task is not None:
             self._task.cancel()
             try:
@@ -656,8 +661,8 @@ class LoopLagMonitor:
             self._task = None
         return self.summary()
 
-    def summary(self) -> dict[str, float | None]:
+    def summary(self) -> LoopLag:
         if not self.lags_s:
-            return {"loop_lag_p99_ms": None, "loop_lag_max_ms": None}
+            return LoopLag(None, None)
         arr = np.asarray(self.lags_s) * 1000.0
-        return {"loop_lag_p99_ms": float(np.percentile(arr, 99)), "loop_lag_max_ms": float(arr.max())}
+        return LoopLag(float(np.percentile(arr, 99)), float(arr.max()))

@@ -25,10 +25,11 @@ re-encoded and trimmed until exact), ``prefix_repetition`` (``num_prefixes`` gro
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 

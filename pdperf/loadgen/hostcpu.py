@@ -51,8 +51,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 #: Process titles of serving processes: vLLM's own, Ray Serve replicas, and vLLM's GPU workers
@@ -215,15 +216,15 @@ class HostCpuSampler:
             self.topology_read = True
         try:
             entries = [e for e in self.proc.iterdir() if e.name.isdigit()]
-        except OSError as e:
-            self.errors.append(f"{self.proc}: {e}"[:200])
+        except OSError as err:
+            self.errors.append(f"{self.proc}: {err}"[:200])
             return
         parents: dict[int, int] = {}
-        for e in entries:
-            pid = int(e.name)
+        for entry in entries:
+            pid = int(entry.name)
             try:
-                title = serving_title((e / "cmdline").read_bytes())
-                parents[pid] = int(_stat_fields((e / "stat").read_text())[1])
+                title = serving_title((entry / "cmdline").read_bytes())
+                parents[pid] = int(_stat_fields((entry / "stat").read_text())[1])
             except (OSError, ValueError, IndexError):  # gone, or not ours to read
                 continue
             if title:

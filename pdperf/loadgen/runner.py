@@ -35,16 +35,18 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import aiohttp
 
 from pdperf.loadgen.client import (
     Api,
     ClientStats,
+    LoopLag,
     LoopLagMonitor,
     PreparedRequest,
     StreamingClient,
@@ -57,7 +59,7 @@ from pdperf.loadgen.datasets import build_workload_prompts
 from pdperf.loadgen.hostcpu import HostCpuSampler
 from pdperf.loadgen.telemetry import GpuSampler, TelemetryWindow
 from pdperf.metrics import summarize
-from pdperf.results import PointResult, RequestRecord
+from pdperf.results import ClientReport, Environment, PointResult, RequestRecord, Telemetry
 from pdperf.specs import Workload
 
 # Advisory thresholds for the client's own health (flags, not gates). A worker busy more than
@@ -187,7 +189,7 @@ class PhaseOutcome:
     records: list[RequestRecord]
     cpu_s: float
     stats: ClientStats
-    loop_lag: dict[str, float | None]
+    loop_lag: LoopLag
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,7 +232,7 @@ class _WorkerPool:
         self.procs: list[Any] = []
         self.conns: list[mpc.Connection] = []
 
-    def __enter__(self) -> "_WorkerPool":
+    def __enter__(self) -> _WorkerPool:
         try:
             for share in self.shares:
                 parent, child = self.ctx.Pipe()
@@ -474,7 +476,7 @@ async def run_point_async(**kwargs: Any) -> PointResult:
 
 def assemble_point(*, workload: Workload, point: float, topology: str, gpus: int, started_at: str,
                    warm_outcomes: list[PhaseOutcome], outcomes: list[PhaseOutcome], parent_cpu_s: float,
-                   processes: int, telemetry: dict[str, Any], environment: dict[str, Any],
+                   processes: int, telemetry: Telemetry, environment: Environment | dict[str, Any],
                    extra_client: dict[str, Any]) -> PointResult:
     records = [r for o in warm_outcomes for r in o.records] + [r for o in outcomes for r in o.records]
     records.sort(key=lambda r: (not r.warmup, r.index))
@@ -486,25 +488,17 @@ def assemble_point(*, workload: Workload, point: float, topology: str, gpus: int
     cpu_s = sum(o.cpu_s for o in outcomes) + parent_cpu_s
     tokens = sum(r.output_tokens for r in measured)
     lags = [o.loop_lag for o in outcomes]
-    lag_p99 = max((x["loop_lag_p99_ms"] for x in lags if x.get("loop_lag_p99_ms") is not None), default=None)
-    lag_max = max((x["loop_lag_max_ms"] for x in lags if x.get("loop_lag_max_ms") is not None), default=None)
+    lag_p99 = max((x.p99_ms for x in lags if x.p99_ms is not None), default=None)
+    lag_max = max((x.max_ms for x in lags if x.max_ms is not None), default=None)
     busiest = max((o.cpu_s for o in outcomes), default=0.0)
     cpu_util = (busiest / duration_s) if duration_s > 0 else None
-    client = {
-        "cpu_s": cpu_s,
-        "cpu_s_per_1k_tokens": (cpu_s * 1000.0 / tokens) if tokens else None,
-        "processes": processes,
-        "worker_cpu_s": [o.cpu_s for o in outcomes],
-        "parent_cpu_s": parent_cpu_s,
-        "busiest_worker_cpu_util": cpu_util,
-        "loop_lag_p99_ms": lag_p99,
-        "loop_lag_max_ms": lag_max,
-        **stats.to_dict(),
-        "clock": "time.perf_counter (CLOCK_MONOTONIC, system-wide on Linux)",
-        "event_loop": "uvloop" if _uvloop_available() else "asyncio",
-        "aiohttp": aiohttp.__version__,
-        **extra_client,
-    }
+    client = ClientReport(
+        cpu_s=cpu_s, cpu_s_per_1k_tokens=(cpu_s * 1000.0 / tokens) if tokens else None, processes=processes,
+        worker_cpu_s=[o.cpu_s for o in outcomes], parent_cpu_s=parent_cpu_s, busiest_worker_cpu_util=cpu_util,
+        loop_lag_p99_ms=lag_p99, loop_lag_max_ms=lag_max, token_accounting=dict(stats.accounting),
+        output_length_mismatch=stats.output_length_mismatch, input_length_mismatch=stats.input_length_mismatch,
+        clock="time.perf_counter (CLOCK_MONOTONIC, system-wide on Linux)",
+        event_loop="uvloop" if _uvloop_available() else "asyncio", aiohttp=aiohttp.__version__, **extra_client)
     flags: list[str] = []
     if cpu_util is not None and cpu_util > CLIENT_CPU_SATURATION:
         flags.append("client_cpu_saturated")
@@ -517,18 +511,19 @@ def assemble_point(*, workload: Workload, point: float, topology: str, gpus: int
     failed = sum(1 for r in measured if not r.ok)
     if failed:
         flags.append(f"requests_failed:{failed}")
-    if telemetry.get("counter_resets"):
+    if telemetry.counter_resets:
         flags.append("telemetry_counter_reset")
-    if telemetry.get("scrape_errors"):
+    if telemetry.scrape_errors:
         flags.append("telemetry_scrape_failed")
     sweep = workload.sweep
-    summary = summarize(records, duration_s=duration_s, gpus=gpus, slos=workload.slos)
-    summary["error_budget"] = workload.error_budget
+    summary = summarize(records, duration_s=duration_s, gpus=gpus, slos=workload.slos,
+                        error_budget=workload.error_budget)
     return PointResult(
         topology=topology, workload=workload.name, point_id=sweep.point_id(point), sweep_kind=sweep.kind,
         point_value=float(point), gpus=gpus, started_at=started_at, duration_s=duration_s, records=records,
-        summary=summary,
-        telemetry=telemetry, environment=environment, flags=flags, client=client)
+        summary=summary, telemetry=telemetry,
+        environment=Environment.model_validate(environment) if isinstance(environment, dict) else environment,
+        flags=flags, client=client)
 
 
 def _window_s(measured: Sequence[RequestRecord]) -> float:
@@ -603,12 +598,13 @@ def main(argv: list[str] | None = None) -> int:
                        reset_cache=not args.no_cache_reset, telemetry_sampling=not args.no_telemetry_sampling)
     if args.output:
         save_point(args.output, result)
-    m = result.summary["metrics"]
-    print(json.dumps({"requests_ok": result.summary["requests_ok"], "errors": result.summary["errors"],
-                      "ttft_mean_ms": m["ttft_ms"]["mean"], "tpot_mean_ms": m["tpot_ms"]["mean"],
-                      "output_tok_per_s": result.summary["throughput"]["output_tok_per_s"],
-                      "client": {k: result.client[k] for k in ("cpu_s", "cpu_s_per_1k_tokens", "processes",
-                                                                "busiest_worker_cpu_util", "loop_lag_p99_ms")},
+    s, c = result.summary, result.client
+    print(json.dumps({"requests_ok": s.requests_ok, "errors": s.errors,
+                      "ttft_mean_ms": s.stat("ttft_ms", "mean"), "tpot_mean_ms": s.stat("tpot_ms", "mean"),
+                      "output_tok_per_s": s.throughput.output_tok_per_s,
+                      "client": {"cpu_s": c.cpu_s, "cpu_s_per_1k_tokens": c.cpu_s_per_1k_tokens,
+                                 "processes": c.processes, "busiest_worker_cpu_util": c.busiest_worker_cpu_util,
+                                 "loop_lag_p99_ms": c.loop_lag_p99_ms},
                       "flags": result.flags}))
     return 0
 

@@ -101,7 +101,7 @@ class StubOpenAIServer:
         self._rng = random.Random(0)
 
     # -- lifecycle -------------------------------------------------------------------------
-    async def __aenter__(self) -> "StubOpenAIServer":
+    async def __aenter__(self) -> StubOpenAIServer:
         self._closing = asyncio.Event()
         app = web.Application()
         app.router.add_post("/v1/completions", self._completions)
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--" + f.name.replace("_", "-"), default=None)
     args = ap.parse_args(argv)
     behavior = StubBehavior(**json.loads(args.behavior))
-    overrides = {}
+    overrides: dict[str, Any] = {}
     for f in fields(StubBehavior):
         v = getattr(args, f.name)
         if v is not None:

@@ -26,10 +26,12 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from pdperf.loadgen.hostcpu import HostCpuSampler
+from pdperf.results import Telemetry
 
 SampleKey = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -228,12 +230,16 @@ def flat_from_delta(d: Delta) -> dict[str, Any]:
     first bucket, 0-0.3 s, while TTFT was 47 ms): listed in ``estimated_means``, with the bounds
     the buckets do prove in ``mean_bounds_s`` (each observation anywhere in its bucket)."""
     out: dict[str, Any] = {}
-    estimated, bounds = [], {}
+    estimated: list[str] = []
+    bounds: dict[str, list[float | None]] = {}
     for key, names in HISTOGRAM_MEANS.items():
         base, s = _first_present(d, names, "_sum")
         c = d.total(base + "_count") if base else None
-        out[key] = (s / c) if (s is not None and c) else None
-        buckets = _bucket_counts(d.buckets(base)) if out[key] is not None else []
+        if base is None or s is None or not c:
+            out[key] = None
+            continue
+        out[key] = s / c
+        buckets = _bucket_counts(d.buckets(base))
         if buckets and math.isclose(s, ray_midpoint_sum(buckets), rel_tol=1e-9, abs_tol=1e-12):
             estimated.append(key)
             n = sum(b[2] for b in buckets) or c
@@ -246,10 +252,10 @@ def flat_from_delta(d: Delta) -> dict[str, Any]:
         out[key] = v
     for key, names in COUNTERS.items():
         v = None
-        for n in names:
-            v = d.total(n + "_total")
+        for name in names:
+            v = d.total(name + "_total")
             if v is None:
-                v = d.total(n)
+                v = d.total(name)
             if v is not None:
                 break
         out[key] = v
@@ -291,10 +297,10 @@ def summarize(before: dict[str, str], after: dict[str, str], during: Iterable[di
         d = delta(parsed_before[url], a)
         by_url[url] = flat_from_delta(d)
         for (n, labels), v in d.values.items():
-            key = (n, (("__url__", url),) + labels)
-            merged[key] = v
+            merged[(n, (("__url__", url),) + labels)] = v
+        present = {n for n, _ in d.values}
         raw[url] = {_fmt_key(k): v for k, v in sorted(d.values.items())
-                    if _is_cumulative(k[0], {n for n, _ in d.values}) and v != 0 and not k[0].endswith("_bucket")}
+                    if _is_cumulative(k[0], present) and v != 0 and not k[0].endswith("_bucket")}
         raw[url]["nixl_buckets"] = {n: d.buckets(n) for n in sorted({k[0][:-7] for k in d.values
                                                                       if "nixl" in k[0] and k[0].endswith("_bucket")})}
         resets.extend(f"{url} {n}" for n in sorted(d.resets))
@@ -483,7 +489,7 @@ class TelemetryWindow:
             self.after = self._scrape()
         self._samplers()
 
-    def result(self) -> dict[str, Any]:
+    def result(self) -> Telemetry:
         out = summarize(self.before, self.after, self.during, self.errors) if self.urls else {}
         gpu = self.gpu.result() if self.gpu else {}
         if gpu:
@@ -491,4 +497,4 @@ class TelemetryWindow:
         host = self.host.result() if self.host else {}
         if host:
             out["host_cpu"] = host
-        return out
+        return Telemetry.model_validate(out)

@@ -11,8 +11,14 @@ For a report: ``predict_for_result(profile, point_result) -> PointComparison``.
 """
 
 from pdperf.planner.model import Deployment, Prediction, WorkloadPoint
-from pdperf.planner.predict import (Interval, PointComparison, PredictionWithInterval, predict, predict_for_result,
-                                    predict_interval)
+from pdperf.planner.predict import (
+                                    Interval,
+                                    PointComparison,
+                                    PredictionWithInterval,
+                                    predict,
+                                    predict_for_result,
+                                    predict_interval,
+)
 from pdperf.planner.profiles import PlannerError, Profile, load_profile
 
 __all__ = ["Deployment", "Interval", "PlannerError", "PointComparison", "Prediction", "PredictionWithInterval",

@@ -17,14 +17,22 @@ import math
 import re
 import shlex
 import sys
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
 
 from pdperf.errors import PdperfError
 from pdperf.planner.model import Deployment, WorkloadPoint
-from pdperf.planner.profiles import (KVTransferParams, MeasuredPoint, PlannerError, load_profile, load_run_points,
-                                     load_study_csv, profile_path, save_profile)
+from pdperf.planner.profiles import (
+    KVTransferParams,
+    MeasuredPoint,
+    PlannerError,
+    load_profile,
+    load_run_points,
+    load_study_csv,
+    profile_path,
+    save_profile,
+)
 from pdperf.results import atomic_write_text
 
 PROG = "python -m pdperf.planner"

@@ -23,16 +23,27 @@ profile lists each with the reason.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
 from pdperf.planner.facts import ModelFacts
 from pdperf.planner.model import solve
-from pdperf.planner.profiles import (Calibration, DecodeParams, KVCacheParams, KVTransferParams, MeasuredPoint,
-                                     MetricQuality, ModelParams, OverheadParams, PlannerError, PrefillParams, Profile,
-                                     resolve)
+from pdperf.planner.profiles import (
+    Calibration,
+    DecodeParams,
+    KVCacheParams,
+    KVTransferParams,
+    MeasuredPoint,
+    MetricQuality,
+    ModelParams,
+    OverheadParams,
+    PlannerError,
+    PrefillParams,
+    Profile,
+    resolve,
+)
 
 #: Metrics the fit compares, with their weights.
 FIT_METRICS: dict[str, float] = {"med_ttft_ms": 1.0, "med_tpot_ms": 1.0, "out_tok_s": 1.0, "p99_ttft_ms": 0.5}
@@ -88,7 +99,6 @@ class Plan:
 
 def identify(points: Sequence[MeasuredPoint], start: ModelParams) -> Plan:
     """Decide from the data which parameters can be fitted."""
-    tps = {p.deployment.prefill_tp for p in points} | {p.deployment.decode_tp for p in points if p.deployment.decode_tp}
     prefill_tps = {p.deployment.prefill_tp for p in points}
     decode_tps = {p.deployment.decode_tp if p.deployment.kind == "pd" else p.deployment.prefill_tp for p in points}
     isls = {p.point.isl for p in points}
@@ -167,7 +177,7 @@ def residuals(params: ModelParams, points: Sequence[MeasuredPoint]) -> dict[str,
 
 def _vector(params: ModelParams, points: Sequence[MeasuredPoint]) -> np.ndarray:
     res = residuals(params, points)
-    parts = []
+    parts: list[float] = []
     for m, w in FIT_METRICS.items():
         parts.extend(w * v for v in res[m] if v is not None)
     return np.asarray(parts, dtype=float)

@@ -41,8 +41,9 @@ and mixes them with the steady state's distribution.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -71,19 +72,20 @@ class Deployment:
             raise ValueError(f"deployment {self.name}: collocated takes no decode role (set decode_* to 0)")
 
     @classmethod
-    def collocated(cls, replicas: int, tp: int) -> "Deployment":
+    def collocated(cls, replicas: int, tp: int) -> Deployment:
         return cls("collocated", replicas, tp)
 
     @classmethod
     def pd(cls, prefill_replicas: int, prefill_tp: int, decode_replicas: int, decode_tp: int,
-           placement: Placement = "pack") -> "Deployment":
+           placement: Placement = "pack") -> Deployment:
         return cls("pd", prefill_replicas, prefill_tp, decode_replicas, decode_tp, placement)
 
     @classmethod
-    def from_topology(cls, topology) -> "Deployment":  # pdperf.specs.Topology (kept untyped: no import cycle)
+    def from_topology(cls, topology) -> Deployment:  # pdperf.specs.Topology (kept untyped: no import cycle)
         if topology.kind == "collocated":
             return cls.collocated(topology.collocated.replicas, topology.collocated.tp)
-        placement = topology.placement if topology.placement in ("pack", "spread") else "any"
+        placement: Literal["pack", "spread", "any"] = (topology.placement if topology.placement in ("pack", "spread")
+                                                       else "any")
         return cls.pd(topology.prefill.replicas, topology.prefill.tp, topology.decode.replicas, topology.decode.tp,
                       placement)
 
@@ -339,6 +341,7 @@ def _pd_state(c: SystemCosts, isl: int, osl: int, x: float, n: float | None, cap
     p, d = c.prefill, c.decode
     assert d is not None
     closed = n is not None
+    n_slots = n if n is not None else 1.0  # the closed loop's concurrency; unused in an open loop
     s = p.prefill_s(isl)
     offered = x * s
     if offered >= p.engines:
@@ -347,7 +350,7 @@ def _pd_state(c: SystemCosts, isl: int, osl: int, x: float, n: float | None, cap
     kv = c.kv_transfer_s(isl)
     beta = d.per_seq_at(isl + (osl - 1) / 2.0)
     x_d = x / d.engines
-    fin = (n - 1) / n if closed and n > 1 else 1.0
+    fin = (n_slots - 1) / n_slots if closed and n_slots > 1 else 1.0
     if capped:
         slots = _kv_slots(d, isl, osl)
         step = (d.step_s + beta * slots) * d.saturation_penalty
@@ -361,8 +364,8 @@ def _pd_state(c: SystemCosts, isl: int, osl: int, x: float, n: float | None, cap
         step = (d.step_s + beta) / den
         batch = x_d * osl * step * fin
     if closed:
-        cycle_guess = n / x if x > 0 else math.inf
-        ca2 = qna_arrival_scv(util, n / p.engines, (c.jitter_s / cycle_guess) ** 2 if cycle_guess > 0 else 1.0)
+        cycle_guess = n_slots / x if x > 0 else math.inf
+        ca2 = qna_arrival_scv(util, n_slots / p.engines, (c.jitter_s / cycle_guess) ** 2 if cycle_guess > 0 else 1.0)
     else:
         ca2 = 1.0
     pw = erlang_c(p.engines, offered)
@@ -381,8 +384,9 @@ def _pd_state(c: SystemCosts, isl: int, osl: int, x: float, n: float | None, cap
 def _colloc_state(c: SystemCosts, isl: int, osl: int, x: float, n: float | None, capped: bool) -> _State | None:
     e = c.prefill
     closed = n is not None
+    n_slots = n if n is not None else 1.0  # the closed loop's concurrency; unused in an open loop
     x_e = x / e.engines
-    n_e = n / e.engines if closed else 1.0
+    n_e = n_slots / e.engines if closed else 1.0
     convoy = c.convoy if closed else 0.0
     s = e.prefill_s(isl)
     rho = x_e * s

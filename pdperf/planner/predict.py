@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -91,7 +91,7 @@ def predict_interval(profile: Profile, deployment: Deployment, point: WorkloadPo
     base = predict(profile, deployment, point)
     cal = profile.calibration
     sets: Sequence[ModelParams] = cal.bootstrap if cal and cal.bootstrap else [profile.params]
-    boot = {m: [] for m in REPORT_METRICS}
+    boot: dict[str, list[float]] = {m: [] for m in REPORT_METRICS}
     for params in sets:
         try:
             p = predict(params, deployment, point)
@@ -148,24 +148,17 @@ class PointComparison:
 
 def measured_point(result, topology) -> MeasuredPoint:
     """A ``pdperf.results.PointResult`` and its ``pdperf.specs.Topology`` as a MeasuredPoint."""
-    from pdperf import metrics as _metrics
-    from pdperf.checks import kv_bandwidth_gb_s
+    from pdperf.network import kv_bandwidth_gb_s
 
     ok = [r for r in result.records if r.ok and not r.warmup]
     if len(ok) < 2:
         raise PlannerError(f"point {result.id}: {len(ok)} successful requests; at least 2 are needed")
     isl = int(statistics.median(r.input_tokens for r in ok))
     osl = int(statistics.median(r.output_tokens for r in ok))
-    summary = result.summary if result.summary and "metrics" in result.summary else \
-        _metrics.summarize(result.records, duration_s=result.duration_s, gpus=result.gpus)
-    mets = summary["metrics"]
-
-    def stat(metric: str, key: str) -> float | None:
-        v = (mets.get(metric) or {}).get(key)
-        return float(v) if isinstance(v, (int, float)) else None
-
+    summary = result.summary
+    stat = summary.stat
     med_ttft, med_tpot = stat("ttft_ms", "p50"), stat("tpot_ms", "p50")
-    tok_s = (summary.get("throughput") or {}).get("output_tok_per_s")
+    tok_s = summary.throughput.output_tok_per_s
     if med_ttft is None or med_tpot is None or not tok_s:
         raise PlannerError(f"point {result.id}: no TTFT/TPOT/throughput in its summary; re-run the point")
     if result.sweep_kind == "rate":
@@ -175,7 +168,7 @@ def measured_point(result, topology) -> MeasuredPoint:
         rps = None if warm else max(int(round(len(ok) / max(result.point_value, 1))), 1)
         wp = WorkloadPoint(isl, osl, "concurrency", float(result.point_value), rps)
     dep = Deployment.from_topology(topology)
-    bw = kv_bandwidth_gb_s(result.telemetry) if topology.kind == "pd" and result.telemetry else None
+    bw = kv_bandwidth_gb_s(result.telemetry) if topology.kind == "pd" else None
     return MeasuredPoint(config=result.topology, deployment=dep, point=wp, med_ttft_ms=med_ttft, med_tpot_ms=med_tpot,
                          out_tok_s=float(tok_s), p99_ttft_ms=stat("ttft_ms", "p99"), p99_tpot_ms=stat("tpot_ms", "p99"),
                          requests=len(ok), kv_bandwidth_gb_s=bw, source=result.id)

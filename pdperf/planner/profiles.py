@@ -30,9 +30,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -163,8 +164,8 @@ class Calibration(_Strict):
 class Profile(_Strict):
     """A calibrated (or hand-written) profile of one model on one hardware fingerprint."""
 
-    kind: Literal["pdperf-planner-profile"] = PROFILE_KIND
-    schema_version: Literal[1] = PROFILE_SCHEMA_VERSION
+    kind: Literal["pdperf-planner-profile"] = "pdperf-planner-profile"
+    schema_version: Literal[1] = 1
     hardware_id: str = Field(min_length=1)
     model: str = Field(min_length=1)
     params: ModelParams
@@ -318,7 +319,7 @@ def load_study_csv(path: Path, *, isl: int | None = None, osl: int | None = None
             raise PlannerError(f"{path}: no '{name}' column; pass --{name} (the reference study: --isl 5000 --osl 250)")
     points: list[MeasuredPoint] = []
     for lineno, row in enumerate(reader, start=2):
-        def num(col: str, cast=float, required: bool = True):
+        def num(col: str, cast=float, required: bool = True, row=row, lineno=lineno):
             raw = (row.get(col) or "").strip()
             if raw == "" and not required:
                 return None
@@ -423,8 +424,8 @@ def load_run_points(paths: Sequence[Path], *, topology_dir: Path | None = None) 
         except PlannerError as e:
             raise PlannerError(f"{f}: {e}") from None
         out.append(MeasuredPoint(**{**mp.__dict__, "source": str(f)}))
-        hardware.add(str(pr.environment.get("hardware_id") or "unknown"))
-        models.add(str(pr.environment.get("model") or "unknown"))
+        hardware.add(pr.environment.hardware_id or "unknown")
+        models.add(pr.environment.model or "unknown")
     if len(hardware) > 1:
         raise PlannerError(f"points from {len(hardware)} hardware fingerprints ({', '.join(sorted(hardware))}); "
                            "a profile is per hardware: calibrate each separately")

@@ -21,9 +21,9 @@ cost, and is the answer robust to what the model does not know". So the search
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import yaml

@@ -32,8 +32,9 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 
@@ -155,7 +156,8 @@ class _Sim:
             assert costs.decode is not None
             self.front = [_Engine(costs.prefill, "prefill") for _ in range(costs.prefill.engines)]
             self.back = [_Engine(costs.decode, "decode") for _ in range(costs.decode.engines)]
-        self.on_finish = None  # closed loop: callback(req) that sends the slot's next request
+        # closed loop: callback(req) that sends the slot's next request
+        self.on_finish: Callable[[_Req], None] | None = None
 
     def push(self, t: float, kind: str, obj: object) -> None:
         self.seq += 1
@@ -277,7 +279,7 @@ class _Sim:
             t, _, kind, obj = heapq.heappop(self.events)
             self.now = t
             if kind == "prefill_done":
-                eng, req = obj  # type: ignore[misc]
+                eng, req = cast("tuple[_Engine, _Req]", obj)
                 self.prefill_done(eng, req)
             elif kind == "send":
                 self.send(obj)  # type: ignore[arg-type]

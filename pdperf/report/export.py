@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from pdperf import metrics
 from pdperf.report.rundata import point_summary
@@ -37,15 +38,15 @@ def csv_rows(points: Iterable[PointResult], run_id: str = "") -> list[dict[str, 
         head = {"run_id": run_id, "id": p.id, "topology": p.topology, "workload": p.workload,
                 "point_id": p.point_id, "sweep_kind": p.sweep_kind, "point_value": p.point_value, "gpus": p.gpus}
         for m in metrics.LATENCY_METRICS:
-            d = s.get("metrics", {}).get(m)
-            if not d:
+            d = s.metrics.get(m)
+            if d is None:
                 continue
-            ci = d.get("p99_ci") or (None, None)
+            ci = d.p99_ci or (None, None)
             rows.append({**head, "metric": m, "unit": metrics.UNITS.get(m, ""),
-                         **{c: _cell(d.get(c)) for c in DIST_COLUMNS},
+                         **{c: _cell(d.n if c == "n" else d.stat(c)) for c in DIST_COLUMNS},
                          "p99_ci_low": _cell(ci[0]), "p99_ci_high": _cell(ci[1]), "value": ""})
         for key, unit in SCALARS.items():
-            v = s.get("throughput", {}).get(key, s.get(key))
+            v = getattr(s.throughput, key) if key in type(s.throughput).model_fields else getattr(s, key)
             if v is None:
                 continue
             rows.append({**head, "metric": key, "unit": unit, **{c: "" for c in DIST_COLUMNS},

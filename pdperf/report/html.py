@@ -14,19 +14,30 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from html import escape
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from pdperf import __version__, metrics
-from pdperf.report.plots import (LegendItem, RatioRow, Series, line_chart, no_data, palette_color, ratio_chart,
-                                 stacked_bar_chart, trim_ratio_rows)
+from pdperf.gate.verdicts import GateResult
+from pdperf.report.plots import (
+    LegendItem,
+    RatioRow,
+    Series,
+    line_chart,
+    no_data,
+    palette_color,
+    ratio_chart,
+    stacked_bar_chart,
+    trim_ratio_rows,
+)
 from pdperf.report.rundata import RunData, latency, point_summary, throughput, topology_kind
-from pdperf.results import PointResult
+from pdperf.results import PointResult, PointSummary, SloResult, Telemetry
 from pdperf.stats import format_value
 
 #: Fewer successful requests than this and a p99 is little more than the maximum (FINDINGS: ~1000 for stability).
 LOW_P99_SAMPLES = 100
-TABLE_METRICS = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2e_ms", "E2E"))
+TABLE_METRICS = tuple((m, metrics.METRICS[m].label) for m in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"))
 TABLE_STATS = ("p50", "p90", "p99")
 TELEMETRY_SEGMENTS = ("queue_time_s", "prefill_time_s", "kv_transfer_time_s", "decode_time_s")
 TELEMETRY_LABELS = {"queue_time_s": "queue", "prefill_time_s": "prefill", "kv_transfer_time_s": "KV transfer",
@@ -146,30 +157,28 @@ def _records_digest(p: PointResult) -> str:
     return h.hexdigest()
 
 
-def _telemetry_mean(tel: dict[str, Any], key: str) -> float | None:
-    """A telemetry mean in seconds: ``tel[key]`` as a number, ``tel[key]["mean"]``, or ``tel[key + "_mean"]``."""
-    v = tel.get(key)
-    if isinstance(v, dict):
-        v = v.get("mean")
+def _telemetry_mean(tel: Telemetry, key: str) -> float | None:
+    """A telemetry mean in seconds (a field of :class:`Telemetry`, or a key another version wrote)."""
+    v = getattr(tel, key, None)
     if v is None:
-        v = tel.get(f"{key}_mean")
+        v = (tel.model_extra or {}).get(f"{key}_mean")
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 # --------------------------------------------------------------------------- sections
 
 
-def _header(run: RunData, summaries: dict[str, dict]) -> str:
+def _header(run: RunData, summaries: dict[str, PointSummary]) -> str:
     r = run.run
     verdicts = run.verdicts or []
     outcomes: dict[str, int] = defaultdict(int)
     for v in verdicts:
-        outcomes[str(v.get("outcome", "unknown"))] += 1
-    gates = [v.get("gate") for v in verdicts if isinstance(v.get("gate"), dict)]
-    regressed = sum(1 for g in gates if g.get("status") == "regressed")
-    unconfirmed = sum(1 for g in gates if g.get("status") == "unconfirmed")
+        outcomes[v.outcome or "unknown"] += 1
+    gates = [v.gate for v in verdicts if v.gate is not None]
+    regressed = sum(1 for g in gates if g.status == "regressed")
+    unconfirmed = sum(1 for g in gates if g.status == "unconfirmed")
     flagged = sum(1 for p in run.points if p.flags)
-    failed_req = sum(int(summaries[p.id].get("requests_failed") or 0) for p in run.points)
+    failed_req = sum(summaries[p.id].requests_failed for p in run.points)
     topologies = sorted({p.topology for p in run.points})
     workloads = sorted({p.workload for p in run.points})
     parts = [_plural(len(run.points), "point"), _plural(len(topologies), "topology", "topologies"),
@@ -188,7 +197,7 @@ def _header(run: RunData, summaries: dict[str, dict]) -> str:
                or run.problems or not run.points)
     verdict = "needs attention" if bad else "all clear"
     meta = [("run id", run.run_id), ("started", r.get("started_at")), ("finished", r.get("finished_at")),
-            ("command", r.get("command")), ("git sha", r.get("git_sha") or run.environment.get("git_sha"))]
+            ("command", r.get("command")), ("git sha", r.get("git_sha") or run.environment.git_sha)]
     rows = "".join(f"<tr><th>{escape(k)}</th><td><code>{escape(str(v))}</code></td></tr>"
                    for k, v in meta if v)
     return (f'<h1>pdperf run {escape(run.run_id)}</h1>'
@@ -196,7 +205,7 @@ def _header(run: RunData, summaries: dict[str, dict]) -> str:
             f'{escape(" · ".join(parts))}</div><table class="kv">{rows}</table>')
 
 
-def _attention(run: RunData, summaries: dict[str, dict]) -> str:
+def _attention(run: RunData, summaries: dict[str, PointSummary]) -> str:
     items: list[tuple[bool, str]] = []  # (loud, html)
     for msg in run.problems:
         items.append((True, escape(msg)))
@@ -205,25 +214,25 @@ def _attention(run: RunData, summaries: dict[str, dict]) -> str:
             items.append((True, f"<code>{escape(p.id)}</code>: " + " ".join(_flag(f) for f in p.flags)
                 + " — this point's numbers are suspect; re-run it"))
     for v in run.verdicts or []:
-        gate = v.get("gate")
-        if isinstance(gate, dict) and gate.get("status") == "unconfirmed":
-            items.append((True, f"<code>{escape(str(gate.get('point')))}</code>: regressed, then not in its "
+        gate = v.gate
+        if gate is not None and gate.status == "unconfirmed":
+            items.append((True, f"<code>{escape(gate.point)}</code>: regressed, then not in its "
                                 "re-measurement: this machine's run-to-run spread exceeded the gate's limit here "
                                 "(details in the verdicts; both measurements are in points/)"))
     for p in run.points:
         s = summaries[p.id]
-        failed = int(s.get("requests_failed") or 0)
-        if failed:
-            kinds = ", ".join(f"{k}: {n}" for k, n in sorted((s.get("errors") or {}).items()))
-            items.append((True, f"<code>{escape(p.id)}</code>: {failed} of {s.get('requests')} requests failed "
+        if s.requests_failed:
+            kinds = "; ".join(f"{n} {k}" + (f" ({s.error_examples[k][:120]})" if k in s.error_examples else "")
+                              for k, n in sorted(s.errors.items(), key=lambda kv: -kv[1]))
+            items.append((True, f"<code>{escape(p.id)}</code>: {s.requests_failed} of {s.requests} requests failed "
                                 f"({escape(kinds)})"))
-    low = [p.id for p in run.points if 0 < int(summaries[p.id].get("requests_ok") or 0) < LOW_P99_SAMPLES]
+    low = [p.id for p in run.points if 0 < summaries[p.id].requests_ok < LOW_P99_SAMPLES]
     if low:
         items.append((False, f"{len(low)} point{'s' if len(low) > 1 else ''} with fewer than {LOW_P99_SAMPLES} "
                              f"successful requests: their p99 is close to the maximum (shown in italics); "
                              f"about 1000 requests per point make a stable p99 "
                              f"<span title=\"{escape(', '.join(low))}\">(hover for the list)</span>"))
-    empty = [p.id for p in run.points if not int(summaries[p.id].get("requests_ok") or 0)]
+    empty = [p.id for p in run.points if not summaries[p.id].requests_ok]
     for pid in empty:
         items.append((True, f"<code>{escape(pid)}</code>: no successful request; it has no latency numbers"))
     seen: dict[str, str] = {}
@@ -237,17 +246,17 @@ def _attention(run: RunData, summaries: dict[str, dict]) -> str:
         else:
             seen[digest] = p.id
     for p in run.points:
-        resets = p.telemetry.get("counter_resets") if isinstance(p.telemetry, dict) else None
+        resets = p.telemetry.counter_resets
         if resets:
             items.append((True, f"<code>{escape(p.id)}</code>: engine counters went down during the point "
                                 f"(an engine restarted?): {escape(', '.join(map(str, resets)))}"))
-        scrape_errors = p.telemetry.get("scrape_errors") if isinstance(p.telemetry, dict) else None
+        scrape_errors = p.telemetry.scrape_errors
         if scrape_errors:
             items.append((False, f"<code>{escape(p.id)}</code>: telemetry scrape failed for "
                                  f"{escape(', '.join(map(str, scrape_errors)))}; server-side numbers are partial"))
-    run_hw = run.environment.get("hardware_id")
-    other_hw = sorted({str(p.environment.get("hardware_id")) for p in run.points
-                       if run_hw and p.environment.get("hardware_id") not in (None, run_hw)})
+    run_hw = run.environment.hardware_id
+    other_hw = sorted({str(p.environment.hardware_id) for p in run.points
+                       if run_hw and p.environment.hardware_id not in (None, run_hw)})
     if other_hw:
         items.append((True, f"points ran on other hardware than the run ({escape(str(run_hw))}): "
                             f"{escape(', '.join(other_hw))}"))
@@ -260,7 +269,7 @@ def _attention(run: RunData, summaries: dict[str, dict]) -> str:
 
 
 def _environment(run: RunData) -> str:
-    env = run.environment
+    env = run.environment.model_dump(exclude_none=True)
     source = "run.json" if run.run.get("environment") else "the first point (run.json has no environment)"
     if not env:
         return "<h2>Environment</h2>" + no_data("Environment", "neither run.json nor the points carry one")
@@ -288,67 +297,66 @@ def _startups(run: RunData) -> str:
             '<th>start-up s</th><th>teardown s</th><th>restarts</th><th>error</th></tr>' + "".join(body) + "</table>")
 
 
-def _slo_text(item: Any) -> str:
-    if isinstance(item, dict):
-        name = item.get("slo") or item.get("metric", "?")
-        observed = item.get("observed")
-        passed = item.get("passed")
-        mark = "✓" if passed else "✗"
-        cls = "" if passed else ' class="err"'
-        return f"<span{cls}>{mark} {escape(str(name))} (observed {escape(format_value(observed))})</span>"
-    return escape(str(item))
+def _slo_text(item: SloResult) -> str:
+    mark = "✓" if item.passed else "✗"
+    cls = "" if item.passed else ' class="err"'
+    observed = (f"unbounded: {item.failed_requests} failed requests" if item.failed_requests
+                else f"observed {format_value(item.observed)}")
+    return f"<span{cls}>{mark} {escape(item.slo)} ({escape(observed)})</span>"
 
 
-def _gate_html(gate: dict[str, Any]) -> str:
-    status = str(gate.get("status", "?"))
-    msg = gate.get("message") or gate.get("reason") or ""
-    rows = "".join(f"<tr><td>{_badge(str(v.get('verdict')))}</td><td>{escape(str(v.get('message', '')))}</td></tr>"
-                   for v in gate.get("verdicts", []))
-    notes = "".join(f"<li>{escape(str(n))}</li>" for n in gate.get("notes", []))
-    notes += "".join(f"<li>re-measurement {escape(str(c.get('attempt')))} ({escape(str(c.get('point_file', '')))}): "
-                     f"{_badge(str(c.get('status')))} {escape(str(c.get('message', '')))}</li>"
-                     for c in gate.get("confirmations", []))
+def _gate_html(gate: GateResult) -> str:
+    msg = gate.message() or gate.reason
+    rows = "".join(f"<tr><td>{_badge(v.verdict)}</td><td>{escape(v.message())}</td></tr>" for v in gate.verdicts)
+    notes = "".join(f"<li>{escape(str(n))}</li>" for n in gate.notes)
+    notes += "".join(f"<li>re-measurement {c.attempt} ({escape(c.point_file or '')}): "
+                     f"{_badge(c.status)} {escape(c.message)}</li>" for c in gate.confirmations)
     details = ""
     if rows or notes:
-        details = (f"<details><summary>{len(gate.get('verdicts', []))} gated metrics"
+        details = (f"<details><summary>{len(gate.verdicts)} gated metrics"
                    f"{', notes' if notes else ''}</summary><table>{rows}</table>"
                    f"{'<ul>' + notes + '</ul>' if notes else ''}</details>")
-    return f"{_badge(status)} {escape(str(msg))}{details}"
+    return f"{_badge(gate.status)} {escape(str(msg))}{details}"
 
 
 def _verdicts(run: RunData) -> str:
+    """What ran leads (failed, then passed); skipped tests follow, one line per reason (a first run
+    on a CPU machine skips every GPU topology for the same reason)."""
     head = "<h2>Verdicts: SLO and baseline gates</h2>"
     if run.verdicts is None:
         return head + no_data("Verdicts", "verdicts.json is absent: this run recorded no test outcomes")
     if not run.verdicts:
         return head + no_data("Verdicts", "verdicts.json lists no tests")
-    rows, passed = [], []
-    for v in sorted(run.verdicts, key=lambda v: OUTCOME_ORDER.get(str(v.get("outcome")), 9)):
-        outcome = str(v.get("outcome", "?"))
-        reason = str(v.get("reason") or "")
-        if outcome == "skipped" and not reason:
-            reason_html = '<span class="err">skipped without a reason: the test must say why</span>'
-        else:
-            reason_html = escape(reason)
-        slos = "<br>".join(_slo_text(s) for s in (v.get("slo") or [])) or '<span class="note">none</span>'
-        gate = v.get("gate")
-        gate_html = _gate_html(gate) if isinstance(gate, dict) else '<span class="note">not gated</span>'
-        row = (f"<tr><td>{_badge(outcome)}</td><td><code>{escape(str(v.get('test_id', '?')))}</code></td>"
-               f"<td>{reason_html}</td><td>{slos}</td><td>{gate_html}</td></tr>")
-        (passed if outcome == "passed" else rows).append(row)
-    header = ("<tr><th>outcome</th><th>test</th><th>reason</th><th>SLOs</th><th>baseline gate</th></tr>")
+    failed: list[str] = []
+    passed: list[str] = []
+    skipped: dict[str, list[str]] = defaultdict(list)
+    for v in sorted(run.verdicts, key=lambda v: OUTCOME_ORDER.get(v.outcome, 9)):
+        if v.outcome == "skipped":
+            skipped[v.reason or "skipped without a reason: the test must say why"].append(v.test_id)
+            continue
+        slos = "<br>".join(_slo_text(s) for s in v.slo) or '<span class="note">none</span>'
+        gate_html = _gate_html(v.gate) if v.gate is not None else '<span class="note">not gated</span>'
+        reason = escape(v.errored or v.reason)
+        row = (f"<tr><td>{_badge(v.outcome)}</td><td><code>{escape(v.test_id)}</code></td>"
+               f"<td>{reason}</td><td>{slos}</td><td>{gate_html}</td></tr>")
+        (passed if v.outcome == "passed" else failed).append(row)
+    header = "<tr><th>outcome</th><th>test</th><th>reason</th><th>SLOs</th><th>baseline gate</th></tr>"
     out = head
-    if rows:
-        out += f'<div class="scroll"><table class="verdicts">{header}{"".join(rows)}</table></div>'
+    ran = failed + passed
+    if ran:
+        out += f'<div class="scroll"><table class="verdicts">{header}{"".join(ran)}</table></div>'
     else:
-        out += '<p>No test failed or was skipped.</p>'
-    if passed:
-        out += (f'<details><summary>{_plural(len(passed), "passed test")}</summary><div class="scroll">'
-                f'<table class="verdicts">{header}{"".join(passed)}</table></div></details>')
+        out += "<p>No test ran.</p>"
+    if skipped:
+        n = sum(len(ids) for ids in skipped.values())
+        lines = "".join(f"<li>{_plural(len(ids), 'test')}: {escape(reason)}"
+                        f' <span class="note" title="{escape(", ".join(ids))}">(hover for the tests)</span></li>'
+                        for reason, ids in sorted(skipped.items(), key=lambda kv: -len(kv[1])))
+        out += f"<details><summary>{_plural(n, 'skipped test')}, by reason</summary><ul>{lines}</ul></details>"
     return out
 
 
-def _topology_tables(run: RunData, summaries: dict[str, dict]) -> str:
+def _topology_tables(run: RunData, summaries: dict[str, PointSummary]) -> str:
     out = ['<h2>Results per topology</h2><p class="note">Latencies in ms from the scheduled send time; '
            'throughput over the point\'s duration; goodput counts requests that met every SLO. '
            f'<i>Italic</i> p99: fewer than {LOW_P99_SAMPLES} requests.</p>']
@@ -369,9 +377,9 @@ def _topology_tables(run: RunData, summaries: dict[str, dict]) -> str:
         rows = []
         for p in pts:
             s = summaries[p.id]
-            ok = int(s.get("requests_ok") or 0)
+            ok = s.requests_ok
             cells = [f'<td class="id">{escape(p.workload)}</td><td class="id">{escape(p.point_id)}</td>'
-                     f"<td class=\"num\">{ok} / {s.get('requests', len(p.records))}</td>"]
+                     f"<td class=\"num\">{ok} / {s.requests}</td>"]
             for m, _ in TABLE_METRICS:
                 for st in TABLE_STATS:
                     low = st == "p99" and 0 < ok < LOW_P99_SAMPLES
@@ -381,7 +389,7 @@ def _topology_tables(run: RunData, summaries: dict[str, dict]) -> str:
             cells += [_num(throughput(s, "req_per_s")), _num(throughput(s, "output_tok_per_s")),
                       _num(per_gpu) if (per_gpu is not None or p.gpus) else '<td class="num note">n/a (CPU)</td>',
                       _num(throughput(s, "goodput_req_per_s"))]
-            errors = s.get("errors") or {}
+            errors = s.errors
             cells.append("<td class=\"err\">" + escape(", ".join(f"{k}: {n}" for k, n in sorted(errors.items())))
                          + "</td>" if errors else "<td></td>")
             cells.append('<td class="flags">' + " ".join(_flag(f) for f in p.flags) + "</td>")
@@ -399,7 +407,7 @@ def _gpu_clock_text(pts: list[PointResult]) -> str:
     NVML held clocks (``telemetry["gpu"]``); nothing where no point carries GPU samples."""
     parts = []
     for p in pts:
-        per_gpu = ((p.telemetry or {}).get("gpu") or {}).get("per_gpu") or {}
+        per_gpu = p.telemetry.gpu.get("per_gpu") or {}
         busy = [g for g in per_gpu.values() if g.get("sm_clock_mhz_min") is not None]
         if not busy:
             continue
@@ -430,7 +438,7 @@ def _host_cpu_text(pts: list[PointResult], roles_shown: int = 4) -> str:
     busy, the largest over its roles, where known; nothing where no point carries any of these."""
     parts = []
     for p in pts:
-        host = (p.telemetry or {}).get("host_cpu") or {}
+        host = p.telemetry.host_cpu
         roles = host.get("roles") or {}
         steal = float(host.get("steal_cores") or 0)
         if not roles and steal <= 0.01:
@@ -484,7 +492,7 @@ def at_one_core(host: dict, topology: str) -> list[tuple[str, float]]:
 def _co_resident_text(pts: list[PointResult]) -> str:
     """", measured beside X" when other deployments of the pool were up during the points
     (environment ``co_resident``); points of one topology measured alone and beside others say both."""
-    seen = {str(p.environment.get("co_resident") or "") for p in pts}
+    seen = {p.environment.co_resident or "" for p in pts}
     beside = sorted(seen - {""})
     if not beside:
         return ""
@@ -506,7 +514,7 @@ def _groups(points: Iterable[PointResult]) -> dict[tuple[str, str], list[PointRe
     return groups
 
 
-def _latency_chart(pts: list[PointResult], summaries: dict[str, dict], colors: dict[str, str], metric: str,
+def _latency_chart(pts: list[PointResult], summaries: dict[str, PointSummary], colors: dict[str, str], metric: str,
                    label: str, workload: str, sweep_kind: str) -> str:
     series = []
     by_topo = _by_topology(pts)
@@ -529,16 +537,14 @@ def _pace_chart(pts: list[PointResult], workload: str) -> str:
     here before accepting a baseline."""
     series = []
     for i, p in enumerate(sorted(pts, key=lambda p: p.point_value)):
-        reqs = sorted((r for r in p.records if r.ok and not r.warmup and r.sent_s is not None),
-                      key=lambda r: r.sent_s)
-        pace = [(r, metrics.tpot_ms(r)) for r in reqs]
-        pace = [(r, v) for r, v in pace if v is not None]
+        sent = sorted((r.sent_s, r) for r in p.records if r.ok and not r.warmup and r.sent_s is not None)
+        pace = [(t, r, v) for t, r in sent if (v := metrics.tpot_ms(r)) is not None]
         if not pace:
             continue
-        t0 = pace[0][0].sent_s
-        series.append(Series(p.point_id, [r.sent_s - t0 for r, _ in pace], [v for _, v in pace],
+        t0 = pace[0][0]
+        series.append(Series(p.point_id, [t - t0 for t, _, _ in pace], [v for _, _, v in pace],
                              color=palette_color(i), width=1.0,
-                             point_labels=[f"{p.point_id}: request {r.index}" for r, _ in pace]))
+                             point_labels=[f"{p.point_id}: request {r.index}" for _, r, _ in pace]))
     topology = pts[0].topology if pts else ""
     return line_chart(series, title=f"TPOT per request in time — {topology} — {workload}",
                       x_label="seconds since the point's first measured request", y_label="TPOT (ms)",
@@ -556,7 +562,7 @@ def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]
     return front
 
 
-def _pareto_chart(pts: list[PointResult], summaries: dict[str, dict], colors: dict[str, str], workload: str) -> str:
+def _pareto_chart(pts: list[PointResult], summaries: dict[str, PointSummary], colors: dict[str, str], workload: str) -> str:
     per_gpu = all(p.gpus > 0 for p in pts)
     key = "output_tok_per_s_per_gpu" if per_gpu else "output_tok_per_s"
     y_label = "output tokens/s per GPU" if per_gpu else "output tokens/s (total: CPU points have no GPUs)"
@@ -585,17 +591,18 @@ def _pareto_chart(pts: list[PointResult], summaries: dict[str, dict], colors: di
 
 def _attribution_chart(pts: list[PointResult], workload: str) -> str:
     title = f"Server-side latency attribution (means) — {workload}"
-    rows, bounds = [], {}
+    rows: list[Any] = []
+    bounds: dict[str, tuple[float, float]] = {}
     for p in pts:
         vals = {k: _telemetry_mean(p.telemetry, k) for k in TELEMETRY_SEGMENTS}
         if any(v is not None for v in vals.values()):
-            guessed = [k for k in TELEMETRY_SEGMENTS if k in ((p.telemetry or {}).get("estimated_means") or [])]
+            guessed = [k for k in TELEMETRY_SEGMENTS if k in p.telemetry.estimated_means]
             rows.append((f"{p.topology} {p.point_id}{' ≈' if guessed else ''}",
                          {k: (v or 0.0) * 1000.0 for k, v in vals.items()}))
             for k in guessed:  # the widest proven range of each segment over the points (None: no upper bound)
-                lo, hi = (p.telemetry.get("mean_bounds_s") or {}).get(k) or (0.0, None)
+                lo, hi = p.telemetry.mean_bounds(k) or (0.0, None)
                 old = bounds.get(k, (math.inf, -math.inf))
-                bounds[k] = (min(old[0], lo), max(old[1], math.inf if hi is None else hi))
+                bounds[k] = (min(old[0], lo or 0.0), max(old[1], math.inf if hi is None else hi))
     if not rows:
         return no_data(title, "the points carry no telemetry means of " + ", ".join(TELEMETRY_SEGMENTS))
     chart = stacked_bar_chart(rows, TELEMETRY_SEGMENTS, title=title, x_label="mean time per request (ms)",
@@ -608,8 +615,8 @@ def short_windows(pts: list[PointResult]) -> list[tuple[PointResult, int, int]]:
     (point, counted, expected). Each engine a request passes counts it (PD: prefill and decode)."""
     out = []
     for p in pts:
-        counted = (p.telemetry or {}).get("server_requests")
-        ok = (p.summary or {}).get("requests_ok")
+        counted = p.telemetry.server_requests
+        ok = p.summary.requests_ok
         if not isinstance(counted, (int, float)) or not ok:
             continue
         expected = int(ok) * (2 if topology_kind(p) == "pd" else 1)
@@ -643,7 +650,7 @@ def _estimated_note(bounds: dict[str, tuple[float, float]]) -> str:
             f"{escape(ranges)} (the widest range over the points). Client-side TTFT and TPOT above are exact.</p>")
 
 
-def _plots(run: RunData, summaries: dict[str, dict]) -> str:
+def _plots(run: RunData, summaries: dict[str, PointSummary]) -> str:
     out = ["<h2>Plots</h2>"]
     if not run.points:
         return out[0] + no_data("Plots", "no points")
@@ -691,7 +698,7 @@ def _tally(outcome: str, name: str, pid: str, wins: dict[str, list[str]], losses
         losses[name].append(pid)
 
 
-def _pd_vs_collocated(run: RunData, summaries: dict[str, dict]) -> str:
+def _pd_vs_collocated(run: RunData, summaries: dict[str, PointSummary]) -> str:
     head = ("<h2>PD vs collocated at equal GPU count</h2><p class=\"note\">Each cell: PD / collocated (ratio). "
             "Green: PD better, red: PD worse, grey: within noise (p99 intervals overlap, or within "
             f"±{EVEN_BAND * 100:.0f}% where there is no interval). Pairs need the same workload and GPU count; "
@@ -708,13 +715,15 @@ def _pd_vs_collocated(run: RunData, summaries: dict[str, dict]) -> str:
                 common = sorted(set(pd_pts) & set(co_pts), key=lambda pid: pd_pts[pid].point_value)
                 if not common:
                     continue
-                rows, wins, losses = [], defaultdict(list), defaultdict(list)
+                rows = []
+                wins: dict[str, list[str]] = defaultdict(list)
+                losses: dict[str, list[str]] = defaultdict(list)
                 for pid in common:
                     ps, cs = summaries[pd_pts[pid].id], summaries[co_pts[pid].id]
                     cells = [f"<td>{escape(pid)}</td>"]
                     for name, m, st in _PAIR_METRICS:
-                        pd_ci = ps.get("metrics", {}).get(m, {}).get("p99_ci") if st == "p99" else None
-                        co_ci = cs.get("metrics", {}).get(m, {}).get("p99_ci") if st == "p99" else None
+                        pd_ci = ps.metrics[m].p99_ci if st == "p99" and m in ps.metrics else None
+                        co_ci = cs.metrics[m].p99_ci if st == "p99" and m in cs.metrics else None
                         cell, outcome = _compare_cell(latency(ps, m, st), latency(cs, m, st), pd_ci, co_ci)
                         cells.append(cell)
                         _tally(outcome, name, pid, wins, losses)
@@ -743,26 +752,26 @@ def _pd_vs_collocated(run: RunData, summaries: dict[str, dict]) -> str:
 
 
 def _baseline_section(run: RunData) -> str:
-    gates = [v["gate"] for v in (run.verdicts or []) if isinstance(v.get("gate"), dict)]
+    gates = [v.gate for v in (run.verdicts or []) if v.gate is not None]
     if not gates:
         return ""
     rows = []
     for g in gates:
-        for v in g.get("verdicts", []):
-            ratio, ci, t = v.get("ratio"), v.get("ratio_ci"), v.get("threshold")
+        for v in g.verdicts:
+            ratio, ci, t = v.ratio, v.ratio_ci, v.threshold
             if ratio is None or not t:
                 continue
             hi, lo = 1 + t, 1 / (1 + t)
-            base, b_lo, b_hi = v.get("baseline_value"), v.get("band_low"), v.get("band_high")
-            if v.get("band_runs") and base and b_lo and b_hi:  # limits from the band's worst / best run
+            base, b_lo, b_hi = v.baseline_value, v.band_low, v.band_high
+            if v.band_runs and base and b_lo and b_hi:  # limits from the band's worst / best run
                 hi, lo = b_hi / base * hi, b_lo / base * lo  # either direction: the upper limit from the band's top
-            bad, good = (hi, lo) if v.get("direction", "lower-is-better") == "lower-is-better" else (lo, hi)
-            rows.append(RatioRow(f"{g.get('point')} {v.get('statistic')} {v.get('metric')}", ratio,
-                                 ci[0] if ci else None, ci[1] if ci else None, bad, good, str(v.get("verdict")),
-                                 tooltip=str(v.get("message", ""))))
+            bad, good = (hi, lo) if v.direction == "lower-is-better" else (lo, hi)
+            rows.append(RatioRow(f"{g.point} {v.statistic} {v.metric}", ratio,
+                                 ci[0] if ci else None, ci[1] if ci else None, bad, good, v.verdict,
+                                 tooltip=v.message()))
     statuses: dict[str, int] = defaultdict(int)
     for g in gates:
-        statuses[str(g.get("status"))] += 1
+        statuses[g.status] += 1
     summary = ", ".join(f"{n} {k}" for k, n in sorted(statuses.items()))
     shown, hidden = trim_ratio_rows(rows)
     chart = ratio_chart(shown, title="Baseline gate: current / baseline with interval") if rows else no_data(
@@ -804,3 +813,21 @@ def render_document(run: RunData) -> str:
             "<style>body { margin: 0 auto; max-width: 1260px; padding: 8px 12px 40px; background: #fff; }</style>"
             f"</head><body>{render_fragment(run)}</body></html>\n")
 
+
+
+def point_fragment(r: PointResult) -> str:
+    """One measured point as a small HTML table (pytest-html's extras beside the test that measured it)."""
+    s = r.summary
+    rows = []
+    for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "queue_ms"):
+        d = s.metrics.get(metric)
+        cells = "".join(f"<td>{v:.1f}</td>" if v is not None else "<td>-</td>"
+                        for v in ((d.stat(k) if d else None) for k in ("p50", "p90", "p99", "mean")))
+        rows.append(f"<tr><th>{escape(metrics.METRICS[metric].label)} ms</th>{cells}<td>{d.n if d else 0}</td></tr>")
+    flags = f"<p style='color:#b00'><b>flags: {escape(', '.join(r.flags))}</b></p>" if r.flags else ""
+    if r.environment.co_resident:
+        flags += f"<p>measured beside {escape(r.environment.co_resident)}</p>"
+    return (f"<div><b>{escape(r.id)}</b>: {s.requests_ok}/{s.requests} ok, "
+            f"{s.throughput.output_tok_per_s:.1f} out tok/s, {s.throughput.req_per_s:.2f} req/s{flags}"
+            "<table border=1 cellpadding=3><tr><th></th><th>p50</th><th>p90</th><th>p99</th><th>mean</th><th>n</th>"
+            f"</tr>{''.join(rows)}</table></div>")

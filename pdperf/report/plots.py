@@ -11,9 +11,9 @@ Every chart has a title, axis labels with units and a legend.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
-from typing import Sequence
 
 from pdperf.stats import format_value
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pdperf import metrics
 from pdperf.errors import PdperfError, SpecError
-from pdperf.results import SCHEMA_VERSION, PointResult
+from pdperf.gate.point import VerdictRecord
+from pdperf.results import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, Environment, PointResult, PointSummary
 from pdperf.specs import TOPOLOGY_DIR, load_topology
 
 _POINT_KEYS = {"topology", "workload", "point_id", "records"}
@@ -37,7 +37,7 @@ class RunData:
     run_dir: Path
     run: dict[str, Any]
     points: list[PointResult]
-    verdicts: list[dict[str, Any]] | None
+    verdicts: list[VerdictRecord] | None
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -45,11 +45,11 @@ class RunData:
         return str(self.run.get("run_id") or self.run_dir.name)
 
     @property
-    def environment(self) -> dict[str, Any]:
+    def environment(self) -> Environment:
         env = self.run.get("environment")
         if isinstance(env, dict) and env:
-            return env
-        return self.points[0].environment if self.points else {}
+            return Environment.model_validate(env)
+        return self.points[0].environment if self.points else Environment()
 
 
 def load_point_file(path: Path) -> PointResult:
@@ -70,9 +70,9 @@ def load_point_file(path: Path) -> PointResult:
         missing = sorted(_POINT_KEYS - set(data)) if isinstance(data, dict) else sorted(_POINT_KEYS)
         raise ReportError(f"{path}: not a pdperf point result (missing {', '.join(missing)}); pass a run folder "
                           "or one of its points/*.json files")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise ReportError(f"{path}: result schema_version {data.get('schema_version')} is not {SCHEMA_VERSION} "
-                          "(written by another pdperf version); re-run the point or convert the file")
+    if data.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
+        raise ReportError(f"{path}: result schema_version {data.get('schema_version')} is not one of "
+                          f"{READABLE_SCHEMA_VERSIONS} (written by another pdperf version); re-run the point")
     try:
         return PointResult.from_dict(data)
     except (TypeError, ValueError, KeyError) as e:
@@ -117,28 +117,35 @@ def load_run(run_dir: Path, *, strict: bool = False) -> RunData:
                 raise
             problems.append(f"{e}; left out")
     points.sort(key=lambda p: (p.topology, p.workload, p.sweep_kind, p.point_value, p.point_id))
-    verdicts = _read_json(run_dir / "verdicts.json", "verdicts.json", problems, strict)
-    if verdicts is not None and not isinstance(verdicts, list):
+    raw = _read_json(run_dir / "verdicts.json", "verdicts.json", problems, strict)
+    verdicts: list[VerdictRecord] | None = None
+    if raw is not None and not isinstance(raw, list):
         problems.append(f"{run_dir / 'verdicts.json'}: expected a JSON list; ignored")
-        verdicts = None
+    elif raw is not None:
+        verdicts = []
+        for i, v in enumerate(raw):
+            try:
+                verdicts.append(VerdictRecord.from_dict(v))
+            except (TypeError, ValueError, KeyError) as e:
+                msg = f"{run_dir / 'verdicts.json'}: entry {i} is not a verdict ({e}); left out"
+                if strict:
+                    raise ReportError(msg) from None
+                problems.append(msg)
     return RunData(run_dir, run or {}, points, verdicts, problems)
 
 
-def point_summary(p: PointResult) -> dict[str, Any]:
-    """The point's stored summary, or one computed from its records when it has none."""
-    if p.summary and "metrics" in p.summary:
-        return p.summary
-    return metrics.summarize(p.records, duration_s=p.duration_s, gpus=p.gpus)
+def point_summary(p: PointResult) -> PointSummary:
+    return p.summary
 
 
-def latency(summary: dict[str, Any], metric: str, statistic: str) -> float | None:
+def latency(summary: PointSummary, metric: str, statistic: str) -> float | None:
     """``latency(s, "ttft_ms", "p99")``; None when the point has no samples of the metric."""
-    v = summary.get("metrics", {}).get(metric, {}).get(statistic)
-    return float(v) if isinstance(v, (int, float)) else None
+    return summary.stat(metric, statistic)
 
 
-def throughput(summary: dict[str, Any], key: str) -> float | None:
-    v = summary.get("throughput", {}).get(key, summary.get(key))
+def throughput(summary: PointSummary, key: str) -> float | None:
+    """A per-point rate: a field of the summary's throughput (``output_tok_per_s``) or the goodput."""
+    v = getattr(summary.throughput, key, None) if key in type(summary.throughput).model_fields else getattr(summary, key, None)
     return float(v) if isinstance(v, (int, float)) else None
 
 
@@ -160,8 +167,7 @@ def _kind_from_spec(topology: str) -> str | None:
 def topology_kind(p: PointResult) -> str:
     """'pd' or 'collocated': a ``topology_kind`` key in the point, else the topology's spec file,
     else the name (a ``pd`` dash-separated word, as in ``pd-1p1d`` or ``cpu-pd-1p1-1d1``)."""
-    for source in (p.environment, p.summary, p.telemetry):
-        kind = source.get("topology_kind") if isinstance(source, dict) else None
-        if kind in ("pd", "collocated"):
-            return kind
+    kind = p.environment.topology_kind
+    if kind in ("pd", "collocated"):
+        return kind
     return _kind_from_spec(p.topology) or ("pd" if _PD_NAME.search(p.topology) else "collocated")

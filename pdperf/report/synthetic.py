@@ -8,26 +8,29 @@ Nothing here is used on a real run.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from pdperf import metrics
-from pdperf.results import PointResult, RequestRecord, atomic_write_json, save_point
+from pdperf.results import Environment, PointResult, RequestRecord, Telemetry, atomic_write_json, save_point
+from pdperf.specs import SLO
 
-DEMO_ENVIRONMENT: dict[str, Any] = {
+DEMO_ENVIRONMENT: dict[str, Any] = {  # in the shape pdperf.environment.fingerprint writes
     "hardware_id": "h100-80gb-x4",
     "cluster": "demo (synthetic numbers)",
     "nodes": 1,
     "gpu_model": "NVIDIA H100 80GB HBM3",
-    "gpus_per_node": 4,
-    "driver": "570.124.06",
-    "efa": False,
-    "ray_version": "2.60.0",
-    "vllm_version": "0.32.0",
-    "nixl_version": "1.3.2",
-    "ucx": {"UCX_TLS": "cuda_ipc,cuda_copy,tcp", "UCX_NET_DEVICES": "all"},
+    "gpus_per_node": [4],
+    "gpu_driver": "570.124.06",
+    "efa": {"10.0.0.1": 0},
+    "ray": "2.60.0",
+    "vllm": "0.32.0",
+    "nixl": "1.3.2",
+    "ucx": "1.20.0",
+    "settings": {"UCX_TLS": "cuda_ipc,cuda_copy,tcp", "UCX_NET_DEVICES": "all"},
     "git_sha": "0123456789abcdef0123456789abcdef01234567",
 }
 
@@ -69,19 +72,18 @@ def synthetic_point(topology: str, workload: str = "isl128-osl16", point_value: 
                     tpot_ms: float = 10.0, output_tokens: int = 16, sigma: float = 0.25, seed: int = 0,
                     errors: int = 0, hardware_id: str = "cpu-2c-test", environment: dict[str, Any] | None = None,
                     telemetry: dict[str, Any] | None = None, flags: Sequence[str] = (),
-                    slos: Sequence = (), spacing_s: float = 0.01) -> PointResult:
+                    slos: Sequence[SLO] = (), spacing_s: float = 0.01) -> PointResult:
     """A PointResult with a computed summary, as the load runner would save it."""
     records = synthetic_records(n, ttft_ms=ttft_ms, tpot_ms=tpot_ms, output_tokens=output_tokens, sigma=sigma,
                                 seed=seed, errors=errors, spacing_s=spacing_s)
     duration_s = max(r.end_s or r.scheduled_s for r in records) - min(r.scheduled_s for r in records)
     point_id = f"c{int(point_value)}" if sweep_kind == "concurrency" else f"r{point_value:g}"
-    env = dict(environment) if environment is not None else {"hardware_id": hardware_id}
-    env.setdefault("hardware_id", hardware_id)
+    env = Environment.model_validate({"hardware_id": hardware_id, **(environment or {})})
     return PointResult(topology=topology, workload=workload, point_id=point_id, sweep_kind=sweep_kind,
                        point_value=float(point_value), gpus=gpus, started_at="2026-11-27T12:00:00+00:00",
                        duration_s=duration_s, records=records,
                        summary=metrics.summarize(records, duration_s=duration_s, gpus=gpus, slos=slos),
-                       telemetry=dict(telemetry or {}), environment=env, flags=list(flags))
+                       telemetry=Telemetry.model_validate(telemetry or {}), environment=env, flags=list(flags))
 
 
 def demo_points(*, n: int = 200, seed: int = 0) -> list[PointResult]:
@@ -100,10 +102,10 @@ def demo_points(*, n: int = 200, seed: int = 0) -> list[PointResult]:
     for k, (name, (gpus, ttft, tpot, kind)) in enumerate(shapes.items()):
         for c in (1, 4, 16, 64):
             t, d = ttft(c), tpot(c)
-            telemetry = {"queue_time_s": {"mean": t * 0.3 / 1000}, "prefill_time_s": {"mean": t * 0.5 / 1000},
-                         "decode_time_s": {"mean": d * 15 / 1000}}
+            telemetry = {"queue_time_s": t * 0.3 / 1000, "prefill_time_s": t * 0.5 / 1000,
+                         "decode_time_s": d * 15 / 1000}
             if kind == "pd":
-                telemetry["kv_transfer_time_s"] = {"mean": t * 0.2 / 1000}
+                telemetry["kv_transfer_time_s"] = t * 0.2 / 1000
             flags = ["replica_restart_during_load"] if (name == "collocated-1x-tp2" and c == 64) else []
             env = dict(DEMO_ENVIRONMENT, topology_kind=kind)
             e2e_s = (t + d * 15) / 1000.0
@@ -115,7 +117,8 @@ def demo_points(*, n: int = 200, seed: int = 0) -> list[PointResult]:
 
 def write_demo_run(run_dir: Path, *, n: int = 200, seed: int = 0, with_verdicts: bool = True) -> Path:
     """Write a complete synthetic run folder (run.json, points/, verdicts.json); returns ``run_dir``."""
-    from pdperf.baselines import GateResult, MetricVerdict  # local: baselines imports nothing from here
+    from pdperf.gate.point import VerdictRecord
+    from pdperf.gate.verdicts import GateResult, MetricVerdict
 
     run_dir = Path(run_dir)
     points = demo_points(n=n, seed=seed)
@@ -133,14 +136,12 @@ def write_demo_run(run_dir: Path, *, n: int = 200, seed: int = 0, with_verdicts:
             verdicts=[MetricVerdict("tpot_ms", "p99", "lower-is-better", "regressed", "exceeds +25%", 14.1, 29.8,
                                     2.11, (1.9, 2.3), 1e-12, 0.25, 200, 200, "ms")])
         verdicts = [
-            {"test_id": f"tests/sweeps/test_sweep.py::test_point[{p.id}]",
-             "outcome": "failed" if p.id == regressed.point else "passed",
-             "reason": regressed.message() if p.id == regressed.point else "",
-             "slo": p.summary.get("slos", []),
-             "gate": regressed.to_dict() if p.id == regressed.point else None}
+            VerdictRecord(test_id=f"tests/sweeps/test_sweep.py::test_point[{p.id}]",
+                          outcome="failed" if p.id == regressed.point else "passed",
+                          reason=regressed.message() if p.id == regressed.point else "", points=[p.id],
+                          slo=list(p.summary.slos), gate=regressed if p.id == regressed.point else None)
             for p in points]
-        verdicts.append({"test_id": "tests/sweeps/test_sweep.py::test_point[pd-2p2d-spread/isl1024-osl16/c16]",
-                         "outcome": "skipped", "reason": "topology pd-2p2d-spread needs 2 GPU nodes, found 1",
-                         "slo": [], "gate": None})
-        atomic_write_json(run_dir / "verdicts.json", verdicts)
+        verdicts.append(VerdictRecord(test_id="tests/sweeps/test_sweep.py::test_point[pd-2p2d-spread/isl1024-osl16/c16]",
+                                      outcome="skipped", reason="topology pd-2p2d-spread needs 2 GPU nodes, found 1"))
+        atomic_write_json(run_dir / "verdicts.json", [v.to_dict() for v in verdicts])
     return run_dir

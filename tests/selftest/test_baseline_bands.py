@@ -1,5 +1,5 @@
 """Baseline bands: several recorded runs of a point, so that the gate knows the spread between
-deployments of unchanged code (pdperf.baselines: ``runs``, ``--add-baseline-runs``,
+deployments of unchanged code (pdperf.gate.store: ``runs``, ``--add-baseline-runs``,
 ``pdperf baseline add-run``).
 
 The case they exist for (4x H100, seventh GPU session): colloc-2xtp1 c4 decoded at p50 TPOT
@@ -16,10 +16,9 @@ import json
 
 import pytest
 
-from pdperf import baselines as bl
-from pdperf.baselines import (BaselineError, Gate, band_runs, band_values, compare_point, judge_metric,
-                              load_baseline, load_thresholds, write_baseline)
 from pdperf.cli import main as cli_main
+from pdperf.gate import BaselineError, Gate, compare_point, judge_metric, load_baseline, load_thresholds, write_baseline
+from pdperf.gate import store as bl
 from pdperf.report.synthetic import synthetic_point
 from pdperf.results import save_point
 
@@ -36,7 +35,7 @@ def thresholds():
 def point(*, seed: int, tpot_ms: float, started: str, n: int = 150, flags=()):
     p = synthetic_point("colloc", "w", 4, n=n, tpot_ms=tpot_ms, ttft_ms=50.0, output_tokens=8, sigma=0.1,
                         seed=seed, hardware_id=CPU, flags=flags)
-    return dataclasses.replace(p, started_at=started, environment={**p.environment, "git_sha": f"sha{seed}"})
+    return dataclasses.replace(p, started_at=started, environment=p.environment.model_copy(update={"git_sha": f"sha{seed}"}))
 
 
 def band_store(tmp_path, *tpots):
@@ -54,11 +53,11 @@ def test_add_run_appends_keeps_the_first_runs_samples_and_is_idempotent(tmp_path
     second = point(seed=1, tpot_ms=13, started="2026-11-27T11:00:00+00:00")
     write_baseline(tmp_path, [second], add_run=True)
     write_baseline(tmp_path, [second], add_run=True)  # the same run again: not a second time
-    entry = json.loads(path.read_text())["points"]["c4"]
-    assert entry["samples"] == samples
-    assert [r["git_sha"] for r in entry["runs"]] == ["sha0", "sha1"]
-    assert band_values(entry, "tpot_ms", "p50") == pytest.approx([10, 13], rel=0.05)
-    assert band_values(entry, "tpot_ms", "p99.9") is None  # a statistic the runs do not keep
+    entry = load_baseline(tmp_path, CPU, "colloc", "w").points["c4"]
+    assert entry.samples == samples
+    assert [r.git_sha for r in entry.runs] == ["sha0", "sha1"]
+    assert entry.band("tpot_ms", "p50") == pytest.approx([10, 13], rel=0.05)
+    assert entry.band("tpot_ms", "p99.9") is None  # a statistic the runs do not keep
     # --update-baselines (add_run False) starts the band anew
     write_baseline(tmp_path, [point(seed=2, tpot_ms=11, started="2026-11-27T12:00:00+00:00")])
     assert len(json.loads(path.read_text())["points"]["c4"]["runs"]) == 1
@@ -66,23 +65,24 @@ def test_add_run_appends_keeps_the_first_runs_samples_and_is_idempotent(tmp_path
 
 def test_band_keeps_the_first_run_and_the_latest_others(tmp_path):
     entry, _ = band_store(tmp_path, *([10.0] + [11.0 + i for i in range(bl.MAX_BAND_RUNS + 2)]))
-    runs = band_runs(entry)
+    runs = entry.runs
     assert len(runs) == bl.MAX_BAND_RUNS
-    assert runs[0]["git_sha"] == "sha0" and runs[-1]["git_sha"] == f"sha{bl.MAX_BAND_RUNS + 2}"
+    assert runs[0].git_sha == "sha0" and runs[-1].git_sha == f"sha{bl.MAX_BAND_RUNS + 2}"
 
 
 def test_an_entry_from_before_bands_is_one_run_of_its_samples(tmp_path):
     [path] = write_baseline(tmp_path, [point(seed=0, tpot_ms=10, started="2026-11-27T10:00:00+00:00")])
     data = json.loads(path.read_text())
     del data["points"]["c4"]["runs"]
+    data["schema_version"] = 1  # schema 1 as the code wrote it before bands: migrated on load
     path.write_text(json.dumps(data))
     entry = load_baseline(tmp_path, CPU, "colloc", "w").points["c4"]
-    [run] = band_runs(entry)
-    assert run["statistics"]["tpot_ms"]["p50"] == pytest.approx(10, rel=0.05)
-    assert band_values(entry, "tpot_ms", "p50") is None  # one run: no band, the old rule
+    [run] = entry.runs
+    assert run.stat("tpot_ms", "p50") == pytest.approx(10, rel=0.05)
+    assert entry.band("tpot_ms", "p50") is None  # one run: no band, the old rule
     write_baseline(tmp_path, [point(seed=1, tpot_ms=12, started="2026-11-27T11:00:00+00:00")], add_run=True)
     entry = load_baseline(tmp_path, CPU, "colloc", "w").points["c4"]
-    assert band_values(entry, "tpot_ms", "p50") == pytest.approx([10, 12], rel=0.05)
+    assert entry.band("tpot_ms", "p50") == pytest.approx([10, 12], rel=0.05)
 
 
 def test_a_run_within_the_bands_spread_is_unchanged_beyond_it_regressed(tmp_path, thresholds):
@@ -172,23 +172,23 @@ def test_a_run_of_another_configuration_is_refused_naming_the_key(tmp_path):
     [path] = write_baseline(tmp_path, [first])
     before = path.read_text()
     compiled = point(seed=1, tpot_ms=6, started="2026-11-27T11:00:00+00:00")
-    compiled.environment["engine_overrides"] = '{"enforce_eager": false}'
+    compiled.environment.engine_overrides = '{"enforce_eager": false}'
     with pytest.raises(BaselineError, match=r"engine_overrides '\{\"enforce_eager\": false\}' differs from the "
                                             r"baseline's '\(none\)'; a band holds runs of one configuration"):
         write_baseline(tmp_path, [compiled], add_run=True)
     beside = point(seed=2, tpot_ms=14, started="2026-11-27T12:00:00+00:00")
-    beside.environment["co_resident"] = "pd-1p1-1d1"
+    beside.environment.co_resident = "pd-1p1-1d1"
     with pytest.raises(BaselineError, match="co_resident 'pd-1p1-1d1' differs"):
         write_baseline(tmp_path, [beside], add_run=True)
     assert path.read_text() == before
     # a model recorded now, against a baseline from before the key: unknown there, so accepted
     named = point(seed=3, tpot_ms=11, started="2026-11-27T13:00:00+00:00")
-    named.environment["model"] = "llama-3.1-8b"
+    named.environment.model = "llama-3.1-8b"
     write_baseline(tmp_path, [named], add_run=True)
     other_model = point(seed=4, tpot_ms=11, started="2026-11-27T14:00:00+00:00")
-    other_model.environment["model"] = "llama-3.1-70b"
+    other_model.environment.model = "llama-3.1-70b"
     write_baseline(tmp_path, [other_model], add_run=True)  # the entry (first run) still has no model
-    assert len(band_runs(load_baseline(tmp_path, CPU, "colloc", "w").points["c4"])) == 3
+    assert len(load_baseline(tmp_path, CPU, "colloc", "w").points["c4"].runs) == 3
     # --update-baselines (no band) replaces whatever configuration was there
     write_baseline(tmp_path, [compiled])
 
@@ -202,7 +202,7 @@ def test_cli_remove_run_drops_one_run_and_keeps_the_first(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("removed run 3 of c4 (2026-11-27T12:00:00+00:00, git sha2") and "2 runs" in out
     entry = load_baseline(tmp_path, CPU, "colloc", "w").points["c4"]
-    assert [r["git_sha"] for r in band_runs(entry)] == ["sha0", "sha1"]
+    assert [r.git_sha for r in entry.runs] == ["sha0", "sha1"]
 
 
 @pytest.mark.parametrize("point_id, number, expected", [

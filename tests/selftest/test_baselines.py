@@ -14,12 +14,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pdperf import baselines as bl
-from pdperf.baselines import (BaselineError, Gate, GateResult, baseline_path, compare_point,
-                              gate_point, judge_metric, load_baseline, load_thresholds, point_samples, write_baseline)
 from pdperf.compare import main as compare_main
+from pdperf.gate import (
+    BaselineError,
+    Gate,
+    GateResult,
+    baseline_path,
+    compare_point,
+    gate_point,
+    judge_metric,
+    load_baseline,
+    load_thresholds,
+    write_baseline,
+)
+from pdperf.gate import thresholds as bl
+from pdperf.gate.store import new_entry, point_samples
 from pdperf.report.synthetic import synthetic_point
-from pdperf.results import save_point
+from pdperf.results import Environment, save_point
 
 pytestmark = pytest.mark.selftest
 
@@ -39,7 +50,7 @@ def point(*, seed: int = 0, tpot_ms: float = 10.0, ttft_ms: float = 50.0, hardwa
 
 
 def entry_of(p):
-    return {"samples": point_samples(p), "flags": list(p.flags)}
+    return new_entry(p)
 
 
 # --------------------------------------------------------------------------- store
@@ -56,7 +67,9 @@ def test_write_then_load_roundtrip_and_merge(tmp_path):
     [path] = write_baseline(tmp_path, [c4])
     assert path == baseline_path(tmp_path, CPU, "pd-1p1d", "isl128-osl8")
     data = json.loads(path.read_text())
-    assert set(data) == {"schema_version", "hardware_id", "environment", "updated_at", "points"}
+    assert set(data) == {"schema_version", "hardware_id", "environment", "updated_at", "points", "status",
+                         "retired_reason"}
+    assert data["schema_version"] == 2 and data["status"] == "active"
     assert data["hardware_id"] == CPU and list(data["points"]) == ["c4"]
     stored = data["points"]["c4"]
     assert set(stored["samples"]) == set(bl.SAMPLED_METRICS)
@@ -69,7 +82,7 @@ def test_write_then_load_roundtrip_and_merge(tmp_path):
     newer = point(seed=3, point_value=4)
     write_baseline(tmp_path, [newer])
     b = load_baseline(tmp_path, CPU, "pd-1p1d", "isl128-osl8")
-    assert b.points["c4"]["samples"]["ttft_ms"] == point_samples(newer)["ttft_ms"]
+    assert b.points["c4"].samples["ttft_ms"] == point_samples(newer)["ttft_ms"]
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp files left behind
 
 
@@ -84,8 +97,8 @@ def test_samples_are_capped_by_even_subsampling(tmp_path):
 
 def test_write_refuses_bad_points_before_writing_anything(tmp_path):
     good = point(seed=1)
-    no_hw = point(seed=2, environment={})
-    no_hw.environment.pop("hardware_id")
+    no_hw = point(seed=2)
+    no_hw.environment.hardware_id = None
     with pytest.raises(BaselineError, match="no 'hardware_id'"):
         write_baseline(tmp_path, [good, no_hw])
     flagged = point(seed=3, flags=["replica_restart_during_load"])
@@ -110,7 +123,7 @@ def test_load_baseline_missing_corrupt_and_old_schema(tmp_path):
     with pytest.raises(BaselineError, match=re.escape(str(path)) + ": not valid JSON"):
         load_baseline(tmp_path, CPU, "pd-1p1d", "isl128-osl8")
     path.write_text(json.dumps({"schema_version": 0, "hardware_id": CPU, "points": {}}))
-    with pytest.raises(BaselineError, match="schema_version 0 is not 1; re-record"):
+    with pytest.raises(BaselineError, match="schema_version 0 is not 1 or 2; re-record"):
         load_baseline(tmp_path, CPU, "pd-1p1d", "isl128-osl8")
 
 
@@ -200,7 +213,7 @@ def test_different_hardware_is_refused_naming_both(thresholds):
 
 def test_different_backend_is_refused(thresholds):
     base, cur = point(seed=1), point(seed=2)
-    base.environment["backend"], cur.environment["backend"] = "ray", "vllm"
+    base.environment.backend, cur.environment.backend = "ray", "vllm"
     g = compare_point(cur, entry_of(base), base.environment, thresholds)
     assert g.status == "incomparable" and not g.verdicts
     assert "backend differs: current 'vllm', baseline 'ray'" in g.reason
@@ -252,9 +265,9 @@ def test_too_few_samples_is_insufficient(thresholds):
 
 def test_missing_entry_and_missing_metric_samples(thresholds):
     cur = point(seed=2)
-    g = compare_point(cur, None, {"hardware_id": CPU}, thresholds)
+    g = compare_point(cur, None, Environment(hardware_id=CPU), thresholds)
     assert g.status == "missing" and "--update-baselines" in g.reason
-    g = compare_point(cur, {"samples": {}}, {"hardware_id": CPU}, thresholds)
+    g = compare_point(cur, new_entry(cur).model_copy(update={"samples": {}}), Environment(hardware_id=CPU), thresholds)
     assert g.status == "insufficient" and "has no ttft_ms samples" in g.reason
 
 
@@ -384,19 +397,19 @@ def test_compare_cli_schema_mismatch(tmp_path, capsys):
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert compare_main([str(good), str(tmp_path / "old.json")]) == 2
     err = capsys.readouterr().err
-    assert "schema_version 0 is not 1" in err and err.count("\n") == 1
+    assert "schema_version 0 is not one of (1, 2)" in err and err.count("\n") == 1
 
 
 def test_other_backend_records_beside_the_ray_baseline_and_gates_against_its_own(tmp_path, thresholds):
     ray_pt, vllm_pt = point(seed=1), point(seed=2, tpot_ms=5.0)
-    ray_pt.environment["backend"], vllm_pt.environment["backend"] = "ray", "vllm"
+    ray_pt.environment.backend, vllm_pt.environment.backend = "ray", "vllm"
     [ray_path] = write_baseline(tmp_path, [ray_pt])
     [vllm_path] = write_baseline(tmp_path, [vllm_pt])
     assert ray_path == tmp_path / CPU / "pd-1p1d" / "isl128-osl8.json"
     assert vllm_path == tmp_path / CPU / "pd-1p1d" / "isl128-osl8.vllm.json"
-    assert load_baseline(tmp_path, CPU, "pd-1p1d", "isl128-osl8").environment_of("c4")["backend"] == "ray"
+    assert load_baseline(tmp_path, CPU, "pd-1p1d", "isl128-osl8").environment_of("c4").backend == "ray"
     again = point(seed=3, tpot_ms=5.0)
-    again.environment["backend"] = "vllm"
+    again.environment.backend = "vllm"
     assert gate_point(tmp_path, again, thresholds).status == "unchanged"  # against the vllm file, not the 2x slower ray one
 
 

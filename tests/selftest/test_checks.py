@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pdperf.baselines import GateResult, load_thresholds, write_baseline
-from pdperf.checks import SweepTracker, judge, slo_failures
+from pdperf.gate import GateResult, SweepTracker, judge, load_thresholds, slo_failures, write_baseline
+from pdperf.gate.point import VerdictRecord
 from pdperf.metrics import summarize
-from pdperf.results import PointResult, RequestRecord
+from pdperf.network import kv_bandwidth_gb_s, kv_bandwidth_note
+from pdperf.results import Environment, PointResult, RequestRecord, Telemetry
 from pdperf.specs import SLO
 
 pytestmark = pytest.mark.selftest
@@ -64,9 +65,9 @@ def test_slo_counts_failed_requests_as_missing_it():
         "p99_ttft_ms <= 5000 (unbounded: 49 failed requests reach the percentile)"]
     # one failure in 200 stays below p99's tail: the percentile of the rest, failure included as +inf
     records = [record(i, 100.0 + i) for i in range(199)] + [record(199, 0, error="timeout")]
-    s = point(records, ["p99_ttft_ms <= 5000"]).summary["slos"][0]
+    s = point(records, ["p99_ttft_ms <= 5000"]).summary.slos[0]
     # 200 samples, the last +inf: p99 sits at index 197.01, between the two slowest survivors
-    assert s["passed"] and s["observed"] == pytest.approx(100.0 + 197 + 0.01)
+    assert s.passed and s.observed == pytest.approx(100.0 + 197 + 0.01)
 
 
 def errored_point(failed: int, total: int = 60, budget: float = 0.0, flags: list[str] | None = None,
@@ -78,7 +79,7 @@ def errored_point(failed: int, total: int = 60, budget: float = 0.0, flags: list
         records.append(RequestRecord(index=total - 1, scheduled_s=0.0, sent_s=0.0, error="stream",
                                      error_detail="connection dropped mid-stream"))
     r = point(records, [slo])
-    r.summary["error_budget"] = budget
+    r.summary.error_budget = budget
     r.flags = list(flags or [])
     return r
 
@@ -178,7 +179,7 @@ def gated_point(gap_ms: float, *, started_at: str = "2026-01-01T00:00:00Z") -> P
                       gap_ms=gap_ms * float(np.exp(rng.normal(0, 0.05)))) for i in range(40)]
     p = point(records, [])
     p.started_at = started_at
-    p.environment = {"hardware_id": "cpu-test"}
+    p.environment = Environment(hardware_id="cpu-test")
     return p
 
 
@@ -209,7 +210,7 @@ def test_a_regression_that_repeats_fails(slow_vs_fast):
     fake = FakeRemeasure(gated_point(30.0, started_at="later"))
     v = run_judge(root, thresholds, gated_point(30.0), fake)
     assert v.gate.status == "regressed" and fake.attempts == [1]
-    assert v.gate.confirmations[0]["status"] == "regressed" and v.gate.confirmations[0]["started_at"] == "later"
+    assert v.gate.confirmations[0].status == "regressed" and v.gate.confirmations[0].started_at == "later"
     assert "confirmed by 1 re-measurement" in v.failure_message()
 
 
@@ -231,7 +232,7 @@ def test_every_re_measurement_must_regress(slow_vs_fast):
     fake = FakeRemeasure(gated_point(30.0), gated_point(10.0))
     v = run_judge(root, thresholds, gated_point(30.0), fake, attempts=2)
     assert v.gate.status == "unconfirmed" and fake.attempts == [1, 2]
-    assert [c["status"] for c in v.gate.confirmations] == ["regressed", "unchanged"]
+    assert [c.status for c in v.gate.confirmations] == ["regressed", "unchanged"]
 
 
 @pytest.mark.parametrize("gap_ms, attempts", [(10.0, 1), (30.0, 0)])
@@ -258,21 +259,20 @@ def test_the_terminal_summary_names_unconfirmed_points(slow_vs_fast):
 
     root, thresholds = slow_vs_fast
     v = run_judge(root, thresholds, gated_point(30.0), FakeRemeasure(gated_point(10.1)))
-    verdicts = [{"test_id": "a", "gate": v.gate.to_dict()}, {"test_id": "b", "gate": None},
-                {"test_id": "c", "gate": {"status": "unchanged", "point": "x"}}]
+    verdicts = [VerdictRecord("a", "passed", gate=v.gate), VerdictRecord("b", "passed"),
+                VerdictRecord("c", "passed", gate=GateResult(point="x", status="unchanged"))]
     [line] = unconfirmed_lines(verdicts)
     assert line.startswith("  unconfirmed (passed): cpu-pd-1p1-1d1/cpu-latency/c2: unconfirmed: the first measurement")
 
 
 def test_kv_bandwidth_and_the_range_an_estimated_transfer_time_proves():
-    from pdperf.checks import kv_bandwidth_gb_s, kv_bandwidth_note
-    exact = {"kv_bytes": 8e9, "kv_transfers": 100, "kv_transfer_time_s": 0.01}
+    exact = Telemetry(kv_bytes=8e9, kv_transfers=100, kv_transfer_time_s=0.01)
     assert kv_bandwidth_gb_s(exact) == pytest.approx(8.0) and kv_bandwidth_note(exact) == ""
     # through Ray: 0.0075-0.01 s buckets, the midpoint 0.00875 s; 80 MB per transfer
-    ray = {**exact, "kv_transfer_time_s": 0.00875, "estimated_means": ["kv_transfer_time_s"],
-           "mean_bounds_s": {"kv_transfer_time_s": [0.0075, 0.01]}}
+    ray = exact.model_copy(update={"kv_transfer_time_s": 0.00875, "estimated_means": ["kv_transfer_time_s"],
+                                   "mean_bounds_s": {"kv_transfer_time_s": [0.0075, 0.01]}})
     assert kv_bandwidth_gb_s(ray) == pytest.approx(8 / 0.875)
     assert kv_bandwidth_note(ray) == (" (estimated: the transfer time comes from Ray's histogram buckets, which "
                                       "prove only 8.00 to 10.67 GB/s)")
-    open_ended = {**ray, "mean_bounds_s": {"kv_transfer_time_s": [0.0, None]}}
+    open_ended = ray.model_copy(update={"mean_bounds_s": {"kv_transfer_time_s": [0.0, None]}})
     assert kv_bandwidth_note(open_ended).endswith("prove only at least 0 GB/s)")

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.reporting import _point_html, co_resident, point_environment
 from pdperf.backends.base import Deployment, Endpoint
-from pdperf.baselines import compare_point, gate_point, load_thresholds, point_samples, write_baseline
+from pdperf.environment import co_resident, point_environment
+from pdperf.gate import compare_point, gate_point, load_thresholds, write_baseline
+from pdperf.gate.store import new_entry
 from pdperf.lifecycle import DeploymentPool
 from pdperf.report import build_report
+from pdperf.report.html import point_fragment
 from pdperf.report.synthetic import synthetic_point
 from pdperf.results import save_point
 from pdperf.specs import Topology
@@ -89,7 +91,7 @@ def _point(seed: int, **env):
 
 
 def _entry(p):
-    return {"samples": point_samples(p), "flags": list(p.flags)}
+    return new_entry(p)
 
 
 def test_gate_notes_a_point_measured_beside_others_against_one_measured_alone(tmp_path):
@@ -113,10 +115,10 @@ def test_report_says_what_a_topology_was_measured_beside(tmp_path):
                             environment={"hardware_id": CPU, **env})
         save_point(run_dir / "points" / f"p{i}.json", p)
         if env:
-            assert "measured beside colloc-1x,pd-ray-1p1d" in _point_html(p)  # pytest-html's per-test extra
+            assert "measured beside colloc-1x,pd-ray-1p1d" in point_fragment(p)  # pytest-html's per-test extra
     lone = synthetic_point("pd-1p1d", "w", 4, n=12, output_tokens=3, seed=5, environment={"hardware_id": CPU})
     save_point(run_dir / "points" / "lone.json", lone)
-    assert "measured beside" not in _point_html(lone)
+    assert "measured beside" not in point_fragment(lone)
     html = build_report(run_dir).read_text()
     assert "collocated, 2 GPUs, measured beside colloc-1x, pd-ray-1p1d (some points alone)</span>" in html
     assert html.count("measured beside") == 1  # the lone PD topology says nothing

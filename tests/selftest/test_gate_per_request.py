@@ -1,4 +1,4 @@
-"""Per-token gates judge significance per request (pdperf.baselines.judge_metric).
+"""Per-token gates judge significance per request (pdperf.gate.verdicts.judge_metric).
 
 The gaps of one request move together: on 4x H100 (PD 1P1D, c1) one request's median ITL was
 18 ms and the next one's 37 ms. Pooled as independent samples, 16 requests x 255 gaps made a
@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from pdperf import metrics
-from pdperf.baselines import (Gate, compare_point, judge_metric, load_thresholds, point_request_stats, point_samples,
-                              write_baseline, load_baseline)
+from pdperf.gate import Gate, compare_point, judge_metric, load_baseline, load_thresholds, write_baseline
+from pdperf.gate.store import new_entry
+from pdperf.metrics import summarize
 from pdperf.results import PointResult, RequestRecord
 
 pytestmark = pytest.mark.selftest
@@ -39,7 +40,8 @@ def point_of(requests: list[dict], environment: dict, *, point_id: str = "c1") -
         t = chunks[-1] + 0.01
     return PointResult(topology="pd-1p1-1d1-pack", workload="gpu-small-isl1024-osl256", point_id=point_id,
                        sweep_kind="concurrency", point_value=1.0, gpus=2, started_at="2026-11-27T14:43:34+00:00",
-                       duration_s=t, records=records, summary={}, telemetry={}, environment=dict(environment), flags=[])
+                       duration_s=t, records=records, summary=summarize(records, duration_s=t, gpus=2),
+                       environment=dict(environment), flags=[])
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +56,7 @@ def itl_p50(result):
 
 def test_gpu_rerun_of_unchanged_code_is_unchanged_per_request(gpu_pair):
     record, gate = gpu_pair
-    entry = {"samples": point_samples(record), "request_stats": point_request_stats(record), "flags": []}
-    result = compare_point(gate, entry, record.environment, load_thresholds())
+    result = compare_point(gate, new_entry(record), record.environment, load_thresholds())
     v = itl_p50(result)
     assert v.ratio == pytest.approx(0.83, abs=0.01)  # the move is real in size ...
     assert v.verdict == "unchanged" and v.ratio_ci[0] < 1 < v.ratio_ci[1]  # ... and not beyond run-to-run spread
@@ -65,8 +66,8 @@ def test_gpu_rerun_of_unchanged_code_is_unchanged_per_request(gpu_pair):
 
 def test_a_baseline_without_per_request_values_is_judged_pooled_and_says_so(gpu_pair):
     record, gate = gpu_pair
-    result = compare_point(gate, {"samples": point_samples(record), "flags": []}, record.environment,
-                           load_thresholds())
+    pooled_only = new_entry(record).model_copy(update={"request_stats": {}})  # as recorded before they were kept
+    result = compare_point(gate, pooled_only, record.environment, load_thresholds())
     v = itl_p50(result)
     assert v.verdict == "improved" and v.ratio_ci[1] < 0.9 and v.requests_current is None  # what the gate said then
     assert any("no per-request values for p50 itl_ms" in n and "--update-baselines" in n for n in result.notes)
@@ -75,7 +76,7 @@ def test_a_baseline_without_per_request_values_is_judged_pooled_and_says_so(gpu_
 def test_baselines_keep_each_requests_statistics(tmp_path, gpu_pair):
     record, _ = gpu_pair
     [path] = write_baseline(tmp_path, [record])
-    stats = load_baseline(tmp_path, "h100-x4", record.topology, record.workload).entry("c1")["request_stats"]
+    stats = load_baseline(tmp_path, "h100-x4", record.topology, record.workload).entry("c1").request_stats
     assert set(stats) == set(metrics.PER_GAP_METRICS)
     assert set(stats["itl_ms"]) == set(metrics.REQUEST_STATISTICS) and len(stats["itl_ms"]["p50"]) == 16
     medians = sorted(stats["itl_ms"]["p50"])

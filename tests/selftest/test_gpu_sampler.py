@@ -78,10 +78,10 @@ def test_the_telemetry_window_carries_it_and_nothing_without_it(smi):
     smi("0, 1980, 650, 61, 0x0\n")
     window = TelemetryWindow([], gpu=GpuSampler())
     window.start(), window.sample(), window.stop()
-    assert window.result()["gpu"]["per_gpu"]["0"]["samples"] == 3
+    assert window.result().gpu["per_gpu"]["0"]["samples"] == 3
     plain = TelemetryWindow([])
     plain.start(), plain.sample(), plain.stop()
-    assert plain.result() == {}
+    assert not plain.result().gpu
 
 
 def test_reason_names():

@@ -19,9 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from pdperf.loadgen.hostcpu import (CLOCK_TICKS, HostCpuSampler, parse_cpu_list, read_proc_stat, read_topology,
-                                    role_of, serving_title)
+from pdperf.loadgen.hostcpu import (
+    CLOCK_TICKS,
+    HostCpuSampler,
+    parse_cpu_list,
+    read_proc_stat,
+    read_topology,
+    role_of,
+    serving_title,
+)
 from pdperf.loadgen.telemetry import TelemetryWindow
+from pdperf.results import Telemetry
 
 pytestmark = pytest.mark.selftest
 
@@ -219,7 +227,7 @@ def test_the_telemetry_window_carries_it(tmp_path):
     clock.t += 1.0
     proc.set(101, cpu_s=1.0, wait_s=[0.1, 0.0])
     window.stop()
-    assert window.result()["host_cpu"]["roles"]["VLLM::EngineCore"]["cpu_cores"] == pytest.approx(1.0, abs=0.02)
+    assert window.result().host_cpu["roles"]["VLLM::EngineCore"]["cpu_cores"] == pytest.approx(1.0, abs=0.02)
 
 
 @pytest.mark.parametrize("listed, cpus", [
@@ -365,7 +373,7 @@ def test_the_report_line_tells_steal_and_the_engines_sibling(tmp_path):
 
     class Point:
         def __init__(self, point_id, host):
-            self.point_id, self.topology, self.telemetry = point_id, "colloc", {"host_cpu": host}
+            self.point_id, self.topology, self.telemetry = point_id, "colloc", Telemetry(host_cpu=host)
 
     roles = {"VLLM::EngineCore": {"processes": 2, "cpu_cores": 2.0, "wait_cores": 0.0, "wait_cores_max": 0.0,
                                   "sibling_busy_frac": 0.35},

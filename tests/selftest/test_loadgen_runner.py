@@ -6,7 +6,6 @@ called as the suite calls it. Assertions are on structure and ordering, never on
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -63,26 +62,27 @@ def test_run_point_in_process(stub, tok_dir, tmp_path):
                   processes=0)
     assert r.id == "stub/stub-test/c4" and r.sweep_kind == "concurrency" and r.point_value == 4.0
     assert len(r.records) == 28 and sum(r.warmup for r in r.records) == 4
-    assert r.summary["requests"] == 24 and r.summary["requests_ok"] == 24, r.summary["errors"]
+    assert r.summary.requests == 24 and r.summary.requests_ok == 24, r.summary.errors
     measured = [x for x in r.records if not x.warmup]
     assert r.duration_s == pytest.approx(max(x.end_s for x in measured) - min(x.scheduled_s for x in measured))
     warm_end = max(x.end_s for x in r.records if x.warmup)
     assert all(x.scheduled_s > warm_end for x in measured)  # warm-up is its own phase
-    assert r.summary["throughput"]["output_tok_per_s_per_gpu"] is not None
-    assert r.summary["slos"][0]["passed"] is True
+    assert r.summary.throughput.output_tok_per_s_per_gpu is not None
+    assert r.summary.slos[0].passed is True
     c = r.client
-    assert c["processes"] == 0 and c["cpu_s"] > 0 and c["cpu_s_per_1k_tokens"] > 0
-    assert c["token_accounting"] == {"final_usage_exact": 24}
-    assert c["request_options"] == {"temperature": None, "per_chunk_usage": False}
-    assert c["output_length_mismatch"] == 0 and c["input_length_mismatch"] == 0
-    assert c["prefix_cache_reset"] == "unsupported"  # the stub has no such endpoint: skipped quietly
+    assert c.processes == 0 and c.cpu_s > 0 and c.cpu_s_per_1k_tokens > 0
+    assert c.token_accounting == {"final_usage_exact": 24}
+    assert c.request_options == {"temperature": None, "per_chunk_usage": False}
+    assert c.output_length_mismatch == 0 and c.input_length_mismatch == 0
+    assert c.prefix_cache_reset == "unsupported"  # the stub has no such endpoint: skipped quietly
     assert "output_length_mismatch" not in r.flags
     # telemetry brackets the measured phase only: warm-up tokens are outside the window
-    assert r.telemetry["generation_tokens"] == 24 * 6
-    assert r.environment == {"host": "x"}
+    assert r.telemetry.generation_tokens == 24 * 6
+    assert r.environment.host == "x"
     save_point(tmp_path / "p.json", r)
     back = load_point(tmp_path / "p.json")
-    assert back.records[5] == r.records[5] and back.client == json.loads(json.dumps(r.client))
+    assert back.records[5] == r.records[5] and back.client == r.client and back.summary == r.summary
+    assert back.telemetry == r.telemetry and back.environment == r.environment
 
 
 def test_run_point_with_two_worker_processes_shares_one_clock(stub, tok_dir):
@@ -91,8 +91,8 @@ def test_run_point_with_two_worker_processes_shares_one_clock(stub, tok_dir):
                   point=4, topology="stub", gpus=0, processes=2)
     measured = [x for x in r.records if not x.warmup]
     assert {x.worker for x in measured} == {0, 1}
-    assert r.summary["requests_ok"] == 16
-    assert len(r.client["worker_cpu_s"]) == 2 and r.client["processes"] == 2
+    assert r.summary.requests_ok == 16
+    assert len(r.client.worker_cpu_s) == 2 and r.client.processes == 2
     # every slot of both processes starts at the same t0: one schedule, one clock
     t0 = min(x.scheduled_s for x in measured)
     firsts = [x for x in measured if x.scheduled_s == t0]
@@ -106,8 +106,8 @@ def test_open_loop_point_with_cap_reports_queueing(stub, tok_dir):
     r = run_point(base_url=stub.url, model="stub-model", tokenizer_path=tok_dir, workload=wl, point=200.0,
                   topology="stub", gpus=0, processes=0)
     assert r.point_id == "r200" and r.sweep_kind == "rate"
-    assert r.summary["requests_ok"] == 12
-    assert r.summary["metrics"]["queue_ms"]["p90"] > 0
+    assert r.summary.requests_ok == 12
+    assert r.summary.stat("queue_ms", "p90") > 0
     t0 = min(x.scheduled_s for x in r.records)
     offsets = sorted(x.scheduled_s - t0 for x in r.records)
     assert offsets == pytest.approx(list(arrival_offsets_s(12, 200.0, seed=wl.seed)), abs=1e-9)
@@ -118,16 +118,16 @@ def test_duration_bound_stops_sending(stub, tok_dir):
     wl = workload(point=2, n=200, warmup=0, max_duration_s=0.2)
     r = run_point(base_url=stub.url, model="stub-model", tokenizer_path=tok_dir, workload=wl, point=2,
                   topology="stub", gpus=0, processes=0, reset_cache=False)
-    assert 2 <= r.summary["requests"] < 200
-    assert r.client["prefix_cache_reset"] == "skipped"
+    assert 2 <= r.summary.requests < 200
+    assert r.client.prefix_cache_reset == "skipped"
 
 
 def test_failed_requests_are_recorded_not_raised(stub, tok_dir):
     stub.behavior = StubBehavior(failure="http_500")
     r = run_point(base_url=stub.url, model="stub-model", tokenizer_path=tok_dir, workload=workload(n=5, warmup=0),
                   point=4, topology="stub", gpus=0, processes=0)
-    assert r.summary["requests_failed"] == 5 and r.summary["errors"] == {"http_5xx": 5}
-    assert r.summary["slos"][0]["passed"] is False
+    assert r.summary.requests_failed == 5 and r.summary.errors == {"http_5xx": 5}
+    assert r.summary.slos[0].passed is False
 
 
 def test_plan_shares_deals_one_arrival_process_round_robin(tok_dir):
@@ -182,8 +182,8 @@ def test_a_point_on_gpus_keeps_the_hosts_gpu_clocks(stub, tok_dir, tmp_path, mon
     for processes in (0, 2):
         r = run_point(base_url=stub.url, model="stub-model", tokenizer_path=tok_dir, workload=workload(n=8),
                       point=4, topology="stub", gpus=2, environment={"gpus": 2}, processes=processes)
-        gpu = r.telemetry["gpu"]["per_gpu"]
+        gpu = r.telemetry.gpu["per_gpu"]
         assert gpu["1"]["clock_reasons_busy"] == ["sw_power_cap"] and gpu["0"]["samples"] >= 2  # start and stop
     cpu = run_point(base_url=stub.url, model="stub-model", tokenizer_path=tok_dir, workload=workload(n=8), point=4,
                     topology="stub", gpus=0, environment={"gpus": 0}, processes=0)
-    assert "gpu" not in cpu.telemetry  # CPU runs never call nvidia-smi
+    assert not cpu.telemetry.gpu  # CPU runs never call nvidia-smi

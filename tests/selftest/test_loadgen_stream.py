@@ -231,8 +231,8 @@ def test_failed_requests_are_excluded_from_latency_samples():
     ok, _ = run([(0.1, comp("a", 1)), (0.2, comp("b", 2)), (0.3, DONE)])
     bad, _ = run([(0.5, comp("a", 1)), (0.6, ev({"error": {"message": "x"}}))])
     s = metrics.summarize([ok, bad], duration_s=1.0)
-    assert s["requests_failed"] == 1 and s["errors"] == {"stream": 1}
-    assert s["metrics"]["ttft_ms"]["n"] == 1
+    assert s.requests_failed == 1 and s.errors == {"stream": 1}
+    assert s.metrics["ttft_ms"].n == 1
 
 
 # -- request construction -----------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pdperf.loadgen.telemetry import (
     parse_prometheus,
     summarize,
 )
+from pdperf.results import Telemetry
 
 pytestmark = pytest.mark.selftest
 
@@ -141,8 +142,8 @@ def test_unreachable_url_is_an_error_entry_not_an_exception():
     w.start()
     w.stop()
     out = w.result()
-    assert "http://127.0.0.1:9/metrics" in out["scrape_errors"]
-    assert out["server_ttft_mean_s"] is None
+    assert "http://127.0.0.1:9/metrics" in out.scrape_errors
+    assert out.server_ttft_mean_s is None
 
 
 def test_no_urls_no_telemetry():
@@ -150,7 +151,7 @@ def test_no_urls_no_telemetry():
     w.start()
     w.sample()
     w.stop()
-    assert w.result() == {}
+    assert w.result() == Telemetry()
 
 
 def test_samples_during_the_window_keep_only_gauges():

@@ -11,8 +11,16 @@ import pytest
 
 from pdperf.planner.cli import PREDICT_COLUMNS, main, parse_config
 from pdperf.planner.model import Deployment
-from pdperf.planner.profiles import (DecodeParams, KVCacheParams, ModelParams, OverheadParams, PlannerError,
-                                     PrefillParams, Profile, save_profile)
+from pdperf.planner.profiles import (
+    DecodeParams,
+    KVCacheParams,
+    ModelParams,
+    OverheadParams,
+    PlannerError,
+    PrefillParams,
+    Profile,
+    save_profile,
+)
 from pdperf.specs import ROOT, load_topology
 
 pytestmark = pytest.mark.selftest

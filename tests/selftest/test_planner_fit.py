@@ -16,9 +16,21 @@ import pytest
 from pdperf.planner.facts import model_facts
 from pdperf.planner.fit import calibrate, fit_params, identify, initial_params, residuals
 from pdperf.planner.model import Deployment, WorkloadPoint, solve
-from pdperf.planner.profiles import (DecodeParams, KVCacheParams, MeasuredPoint, ModelParams, OverheadParams,
-                                     PlannerError, PrefillParams, Profile, load_profile, load_study_csv, resolve,
-                                     role_costs, save_profile)
+from pdperf.planner.profiles import (
+    DecodeParams,
+    KVCacheParams,
+    MeasuredPoint,
+    ModelParams,
+    OverheadParams,
+    PlannerError,
+    PrefillParams,
+    Profile,
+    load_profile,
+    load_study_csv,
+    resolve,
+    role_costs,
+    save_profile,
+)
 
 pytestmark = pytest.mark.selftest
 

@@ -17,10 +17,18 @@ from __future__ import annotations
 import pytest
 
 from pdperf.planner.model import Deployment, WorkloadPoint
-from pdperf.planner.profiles import (Calibration, DecodeParams, KVCacheParams, MetricQuality, ModelParams,
-                                     OverheadParams, PlannerError, PrefillParams, Profile)
-from pdperf.planner.search import NodeShape, enumerate_deployments, format_table, parse_slos, search, \
-    write_topologies
+from pdperf.planner.profiles import (
+    Calibration,
+    DecodeParams,
+    KVCacheParams,
+    MetricQuality,
+    ModelParams,
+    OverheadParams,
+    PlannerError,
+    PrefillParams,
+    Profile,
+)
+from pdperf.planner.search import NodeShape, enumerate_deployments, format_table, parse_slos, search, write_topologies
 from pdperf.specs import load_topology
 
 pytestmark = pytest.mark.selftest

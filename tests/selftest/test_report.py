@@ -52,7 +52,7 @@ def test_report_is_self_contained(demo):
 
 def test_report_shows_environment_and_run_metadata(demo):
     _, html = demo
-    for text in ("h100-80gb-x4", "ray_version", "2.60.0", "vllm_version", "nixl_version", "ucx.UCX_TLS",
+    for text in ("h100-80gb-x4", "<td>ray</td>", "2.60.0", "<td>vllm</td>", "<td>nixl</td>", "settings.UCX_TLS",
                  "git sha", "pytest -m sweep"):
         assert text in html, text
 
@@ -62,12 +62,13 @@ def test_report_is_loud_about_flags_failures_and_skips(demo):
     assert "needs attention" in html
     attention = html.split('<div class="attention">', 1)[1].split("</div>", 1)[0]
     assert "collocated-1x-tp2/isl1024-osl16/c64" in attention and 'class="flag"' in attention
-    assert "3 of 63 requests failed (http_5xx: 3)" in attention
+    assert "3 of 63 requests failed (3 http_5xx (503 synthetic))" in attention
     assert "fewer than 100 successful requests" in attention  # n=60 per point
     assert '<tr class="flagged">' in html
     assert "topology pd-2p2d-spread needs 2 GPU nodes, found 1" in html  # the skip with its reason
     assert "pd-1p1d/isl1024-osl16/c64: p99 tpot_ms 14.1 -&gt; 29.8 ms" in html  # the gate's one-line message
-    assert "11 passed tests" in html
+    assert html.count('<span class="badge b-passed">passed</span>') == 11  # what ran leads the verdicts
+    assert "1 skipped test, by reason" in html
 
 
 def test_report_tables_per_topology(demo):
@@ -150,7 +151,8 @@ def test_duplicate_points_and_unexplained_skips_are_called_out(tmp_path):
     atomic_write_json(run_dir / "verdicts.json", [
         {"test_id": "t::x", "outcome": "skipped", "reason": "", "slo": [], "gate": None},
         {"test_id": "t::<y>", "outcome": "failed", "reason": "<script>alert(1)</script>", "slo": [
-            {"slo": "p99_ttft_ms <= 10", "observed": 55.0, "passed": False}], "gate": None}])
+            {"slo": "p99_ttft_ms <= 10", "metric": "ttft_ms", "percentile": 99, "bound": 10, "observed": 55.0,
+             "passed": False}], "gate": None}])
     html = build_report(run_dir).read_text()
     assert "identical per-request timings" in html
     assert "skipped without a reason" in html

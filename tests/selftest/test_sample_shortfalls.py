@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from pdperf import metrics
-from pdperf.baselines import THRESHOLDS_PATH, Thresholds, load_thresholds, sample_shortfalls
+from pdperf.gate.thresholds import THRESHOLDS_PATH, Thresholds, load_thresholds, sample_shortfalls
 from pdperf.report.synthetic import synthetic_point
 from pdperf.specs import WORKLOAD_DIR, load_workload
 

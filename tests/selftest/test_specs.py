@@ -13,8 +13,7 @@ import pytest
 import yaml
 
 from pdperf.errors import SpecError
-from pdperf.specs import (SLO, TOPOLOGY_DIR, WORKLOAD_DIR, all_topologies, all_workloads, load_topology,
-                          load_workload)
+from pdperf.specs import SLO, TOPOLOGY_DIR, WORKLOAD_DIR, all_topologies, all_workloads, load_topology, load_workload
 
 pytestmark = pytest.mark.selftest
 

@@ -7,8 +7,16 @@ import math
 import numpy as np
 import pytest
 
-from pdperf.stats import (bootstrap_ratio_ci, even_subsample, format_p_value, format_value, mann_whitney_u,
-                          parse_statistic, rank_average, statistic_value)
+from pdperf.stats import (
+    bootstrap_ratio_ci,
+    even_subsample,
+    format_p_value,
+    format_value,
+    mann_whitney_u,
+    parse_statistic,
+    rank_average,
+    statistic_value,
+)
 
 pytestmark = pytest.mark.selftest
 

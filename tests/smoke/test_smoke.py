@@ -8,8 +8,7 @@ import json
 import pytest
 
 from fixtures.reporting import confirm_path, point_path
-from pdperf import checks
-from pdperf.baselines import write_baseline
+from pdperf.gate import judge, write_baseline
 from pdperf.greedy import compare_greedy, greedy_tokens
 from pdperf.loadgen.runner import single_request
 from pdperf.metrics import tpot_ms, ttft_ms
@@ -83,13 +82,13 @@ def test_pd_greedy_matches_collocated(endpoint, reference_endpoint, record_prope
 def test_small_load_point(endpoint, smoke_workload, measure):
     result = measure(endpoint, smoke_workload, smoke_workload.sweep.points[0])
     s = result.summary
-    assert s["requests_failed"] == 0, f"{result.id}: {s['errors']}"
+    assert s.requests_failed == 0, f"{result.id}: {s.errors}"
     measured = [r for r in result.records if not r.warmup]
     assert all(r.output_tokens == smoke_workload.osl for r in measured), "output lengths are not exact"
-    assert s["metrics"]["ttft_ms"]["n"] == len(measured)
+    assert s.metrics["ttft_ms"].n == len(measured)
     assert not [f for f in result.flags if f.startswith("replica_restart_during_load")], result.flags
     # the model the engines serve (not the name requests carry): bands and the gate compare it
-    assert result.environment.get("model") == endpoint.model, result.environment
+    assert result.environment.model == endpoint.model, result.environment
     if endpoint.backend != "external":  # Ray and vLLM serve a models.py key or folder under the topology's name
         assert endpoint.model != endpoint.model_id, (endpoint.model, endpoint.model_id)
 
@@ -121,10 +120,10 @@ def test_gate_measures_a_regression_again(endpoint, smoke_workload, measure, thr
         again.append(measure(endpoint, workload, first.point_value, attempt=attempt))
         return again[-1]
 
-    v = checks.judge(first, test_id="gate-check", baselines_root=tmp_path, thresholds=thresholds,
+    v = judge(first, test_id="gate-check", baselines_root=tmp_path, thresholds=thresholds,
                      remeasure=remeasure, confirm_attempts=1)
     assert v.gate.status == "regressed", v.gate.message()
-    assert [c["status"] for c in v.gate.confirmations] == ["regressed"], v.gate.confirmations
+    assert [c.status for c in v.gate.confirmations] == ["regressed"], v.gate.confirmations
     assert "confirmed by 1 re-measurement" in v.gate.message()
     saved = load_point(confirm_path(run_dir, first.id, 1))
     assert saved.started_at == again[0].started_at != first.started_at
@@ -136,7 +135,7 @@ def test_gate_measures_a_regression_again(endpoint, smoke_workload, measure, thr
                      for r in entry["runs"]]
     path.write_text(json.dumps(doc))
     write_baseline(tmp_path, again, add_run=True, allow_flagged=True)
-    banded = checks.judge(first, test_id="gate-check", baselines_root=tmp_path, thresholds=thresholds).gate
+    banded = judge(first, test_id="gate-check", baselines_root=tmp_path, thresholds=thresholds).gate
     judged = [v for v in banded.verdicts if v.verdict != "insufficient"]
     assert judged and all(v.band_runs == 2 for v in judged), banded.message()
     for v in judged:  # the size that decided is against the re-measurement (the worst run), not the first
