@@ -35,7 +35,7 @@ def _session_options(args: argparse.Namespace, *, backend: Literal["ray", "vllm"
                      model: str | None = None) -> SessionOptions:
     """``pdperf serve`` / ``plan`` arguments as the test session's options (the same checks, the same
     backend settings); the environment's switches are read here, at the CLI's edge."""
-    from pdperf.session.options import EnvSwitches
+    from pdperf.session.options import EnvSwitches, SessionOptions
 
     return SessionOptions(backend=backend, ray_address=args.ray_address, model_override=model,
                           topologies_dir=Path(args.topologies_dir) if args.topologies_dir else TOPOLOGY_DIR,

@@ -23,6 +23,9 @@ class NodeInfo:
     cpus: float = 0.0
     gpu_model: str | None = None  # Ray's accelerator_type, e.g. "H100"
     efa_devices: int = 0
+    # EFA domains libfabric lists (``fi_info -p efa``): what NIXL's LIBFABRIC backend can use;
+    # None where fi_info is not installed on the node
+    efa_libfabric_domains: int | None = None
     is_head: bool = False
     memory_gb: float = 0.0
 
@@ -45,9 +48,49 @@ def detect_efa(sysfs: Path = Path("/sys")) -> list[str]:
     return found
 
 
-def nodes_from_ray_state(raw_nodes: Iterable[dict[str, Any]], efa: dict[str, int] | None = None) -> list[NodeInfo]:
+_FI_PROVIDER = re.compile(r"^\s*provider:\s*(\S+)")
+_FI_DOMAIN = re.compile(r"^\s*domain:\s*(\S+)")
+
+
+def parse_fi_info(text: str, provider: str = "efa") -> list[str]:
+    """Domains ``fi_info`` lists for ``provider`` (each device once per endpoint type: rdmap16s27-rdm,
+    rdmap16s27-dgrm), in order, without repeats."""
+    found: dict[str, None] = {}
+    current = None
+    for line in text.splitlines():
+        m = _FI_PROVIDER.match(line)
+        if m:
+            current = m.group(1).split(";")[0]
+            continue
+        m = _FI_DOMAIN.match(line)
+        if m and current == provider:
+            found.setdefault(m.group(1), None)
+    return list(found)
+
+
+FI_INFO_PATHS = ("fi_info", "/opt/amazon/efa/bin/fi_info")
+
+
+def efa_libfabric_domains() -> int | None:
+    """RDM EFA domains libfabric sees on this node (``fi_info -p efa -t FI_EP_RDM``); None without fi_info."""
+    import shutil
+    import subprocess
+
+    exe = next((shutil.which(p) for p in FI_INFO_PATHS if shutil.which(p)), None)
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "-p", "efa", "-t", "FI_EP_RDM"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return len(parse_fi_info(out.stdout))  # exit status 61 (FI_ENODATA) with no output: none
+
+
+def nodes_from_ray_state(raw_nodes: Iterable[dict[str, Any]], efa: dict[str, int] | None = None,
+                         efa_libfabric: dict[str, int | None] | None = None) -> list[NodeInfo]:
     """Turn ``ray.nodes()`` output into NodeInfo records (alive nodes only)."""
     efa = efa or {}
+    efa_libfabric = efa_libfabric or {}
     out = []
     for n in raw_nodes:
         if not n.get("Alive", n.get("alive", False)):
@@ -57,13 +100,14 @@ def nodes_from_ray_state(raw_nodes: Iterable[dict[str, Any]], efa: dict[str, int
         out.append(NodeInfo(
             node_id=n["NodeID"], ip=n["NodeManagerAddress"], gpus=int(res.get("GPU", 0)),
             cpus=float(res.get("CPU", 0)), gpu_model=model, efa_devices=efa.get(n["NodeID"], 0),
+            efa_libfabric_domains=efa_libfabric.get(n["NodeID"]),
             is_head=bool(res.get("node:__internal_head__")),
             memory_gb=round(float(res.get("memory", 0)) / 2**30, 1)))
     return sorted(out, key=lambda x: (not x.is_head, x.ip, x.node_id))
 
 
-def efa_by_node(nodes: list[NodeInfo]) -> dict[str, int]:
-    """Count EFA devices on every node by running ``detect_efa`` there (a Ray task pinned per node)."""
+def efa_by_node(nodes: list[NodeInfo]) -> dict[str, tuple[int, int | None]]:
+    """EFA devices in sysfs and EFA domains libfabric lists, on every node (a Ray task pinned per node)."""
     import sys
 
     import ray
@@ -74,8 +118,8 @@ def efa_by_node(nodes: list[NodeInfo]) -> dict[str, int]:
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
     @ray.remote(num_cpus=0)
-    def _count() -> int:
-        return len(detect_efa())
+    def _count() -> tuple[int, int | None]:
+        return len(detect_efa()), efa_libfabric_domains()
 
     refs = {n.node_id: _count.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False)).remote()
             for n in nodes}
@@ -87,7 +131,7 @@ def nodes_from_ray() -> list[NodeInfo]:
 
     nodes = nodes_from_ray_state(ray.nodes())
     efa = efa_by_node(nodes)
-    return nodes_from_ray_state(ray.nodes(), efa)
+    return nodes_from_ray_state(ray.nodes(), {k: v[0] for k, v in efa.items()}, {k: v[1] for k, v in efa.items()})
 
 
 def _slug(text: str) -> str:

@@ -38,6 +38,10 @@ def engine_env(t: Topology, local: bool) -> dict[str, str]:
         env.update(LOOPBACK_ENV)
     if t.device == "cpu":
         env.update(CPU_ENV)
+    if t.kind == "pd":
+        # UCX prints the protocol and transport it selects (once per selection, a small table in the
+        # engine's output): the suite reads which transport moved the KV from it (pdperf.network)
+        env["UCX_PROTO_INFO"] = "y"
     if t.ucx_tls:
         env["UCX_TLS"] = t.ucx_tls
     if t.kv_transport == "LIBFABRIC":
@@ -52,6 +56,8 @@ def engine_kwargs(t: Topology, role: str, model_path: Path) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"tensor_parallel_size": r.tp, "max_model_len": t.max_model_len}
     if t.device == "cpu":
         kwargs.update({"enforce_eager": True, "dtype": "float32"})
+    if t.device == "gpu" and r.gpu_fraction < 1:  # engines sharing a GPU split its memory (vLLM's default: 0.9)
+        kwargs["gpu_memory_utilization"] = round(0.9 * r.gpu_fraction, 3)
     if not has_weights(model_path):
         kwargs["load_format"] = "dummy"
     if t.kind == "pd":

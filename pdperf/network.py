@@ -9,6 +9,9 @@ across nodes means the wrong transport.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 from pdperf.results import Telemetry
 
 
@@ -29,3 +32,130 @@ def kv_bandwidth_note(telemetry: Telemetry) -> str:
     slow = f"{gb / hi_s:.2f}" if hi_s else "0"
     proven = f"{slow} to {gb / lo_s:.2f} GB/s" if lo_s else f"at least {slow} GB/s"
     return f" (estimated: the transfer time comes from Ray's histogram buckets, which prove only {proven})"
+
+
+# --------------------------------------------------------------------------- which transport moved the KV
+#
+# NIXL moves KV through UCX; UCX picks a transport per peer and memory type, silently. With
+# UCX_PROTO_INFO=y (set for every PD engine: pdperf.engine) UCX prints the protocol it selected as
+# a table, once per selection, into the engine's output:
+#
+#   | ucp_context_0 self cfg#0 | remote memory read by ucp_get* from host memory to host |
+#   |                   0..inf | zero-copy                                | cma/memory      |
+#
+# The transport cell names the transport/device pairs ("cma/memory", "tcp/lo", "52% on tcp/lo
+# and 48% on tcp/eth0", "rc_mlx5/mlx5_0:1", "srd/rdmap16s27"). The KV is moved by one-sided
+# reads and writes (ucp_get*/ucp_put*) to a peer ("intra-node" or "inter-node" in the header; a
+# "self" table is an agent talking to itself), so those tables say where it went. Seen on the CPU
+# stack (NIXL 1.3.2's UCX, Ray Serve LLM): "ucp_context_0 intra-node cfg#0 | remote memory write
+# by ucp_put* from host memory to host ... | cma/memory", in the replicas' stdout.
+
+_RMA_HEADER = re.compile(r"ucp_context_\d+ (?P<scope>\S+) cfg#\d+ \| remote memory (?:read|write) by ucp_(?:get|put)")
+_ROW = re.compile(r"^[^|]*\|\s*[0-9.]+(?:\.\.(?:[0-9.]+|inf))?\s*\|[^|]*\|\s*(?P<cell>[^|]+?)\s*\|\s*$")
+_TRANSPORT = re.compile(r"\b([a-z][a-z0-9_]*)/([A-Za-z0-9_:.\-]+)")
+
+#: What each UCX transport is, for the check of a placement's expectation.
+TRANSPORT_CLASSES: dict[str, str] = {
+    "tcp": "tcp",
+    "cma": "intra-node", "sysv": "intra-node", "posix": "intra-node", "xpmem": "intra-node", "knem": "intra-node",
+    "self": "intra-node", "cuda_ipc": "intra-node", "cuda_copy": "intra-node", "rocm_ipc": "intra-node",
+    "gdr_copy": "intra-node",
+    "rc": "rdma", "rc_verbs": "rdma", "rc_mlx5": "rdma", "dc": "rdma", "dc_mlx5": "rdma", "ud": "rdma",
+    "ud_verbs": "rdma", "ud_mlx5": "rdma", "srd": "efa", "efa": "efa",
+}
+
+
+def transport_class(transport: str) -> str:
+    """``"tcp/eth0"`` -> ``"tcp"``; ``"cma/memory"`` -> ``"intra-node"``; unknown -> ``"other"``."""
+    return TRANSPORT_CLASSES.get(transport.split("/", 1)[0], "other")
+
+
+def parse_proto_info(text: str) -> list[str]:
+    """Transports of UCX's remote-memory (get/put) protocol tables in ``text``, in first-seen order."""
+    found: dict[str, None] = {}
+    in_rma = False
+    for line in text.splitlines():
+        if "ucp_context" in line:  # a table's header: a remote-memory one, towards a peer (not to itself)?
+            m = _RMA_HEADER.search(line)
+            in_rma = m is not None and m.group("scope") != "self"
+            continue
+        if not in_rma:
+            continue
+        m = _ROW.match(line)
+        if m:
+            for name, device in _TRANSPORT.findall(m.group("cell")):
+                found.setdefault(f"{name}/{device}", None)
+    return list(found)
+
+
+@dataclass(frozen=True)
+class KvPathExpectation:
+    """Which transports a PD topology's placement should move its KV over, and why."""
+
+    allowed: tuple[str, ...]  # transport classes
+    why: str
+
+    @classmethod
+    def of(cls, placement: str, ucx_tls: str | None, spans_nodes: bool) -> KvPathExpectation:
+        forced = [t.strip() for t in (ucx_tls or "").split(",") if t.strip()]
+        if forced and all(transport_class(t) in ("tcp", "intra-node") for t in forced) and "tcp" in forced:
+            return cls(("tcp", "intra-node"), f"UCX_TLS={ucx_tls} forces TCP")
+        if spans_nodes or placement == "spread":
+            return cls(("rdma", "efa"), "prefill and decode on different nodes: RDMA or EFA, never TCP")
+        return cls(("intra-node", "rdma", "efa"), "prefill and decode on one node: shared memory, CUDA IPC or RDMA")
+
+
+def kv_path_problem(transports: list[str], expectation: KvPathExpectation) -> str | None:
+    """Why the KV's transports break the expectation (naming them), or None."""
+    if not transports:
+        return None
+    wrong = [t for t in transports if transport_class(t) not in expectation.allowed]
+    if not wrong:
+        return None
+    fix = ("check UCX_TLS and UCX_NET_DEVICES on the engines (docs/DEBUGGING.md, 'KV over TCP')"
+           if any(transport_class(t) == "tcp" for t in wrong) else "see docs/DEBUGGING.md")
+    return f"KV moved over {', '.join(wrong)}, but {expectation.why}: {fix}"
+
+
+def kv_failures(telemetry: Telemetry) -> list[str]:
+    """Failed NIXL transfers and expired KV leases in a point (each fails it)."""
+    out = []
+    if telemetry.kv_failed_transfers:
+        out.append(f"{telemetry.kv_failed_transfers:g} failed KV transfers (vllm:nixl_num_failed_transfers)")
+    if telemetry.kv_expired_requests:
+        out.append(f"{telemetry.kv_expired_requests:g} requests whose KV lease expired before decode read it "
+                   "(vllm:nixl_num_kv_expired_reqs)")
+    return out
+
+
+def annotate_kv_path(telemetry: Telemetry, engine_output: str, *, placement: str, ucx_tls: str | None,
+                     spans_nodes: bool) -> Telemetry:
+    """``telemetry`` with the transports that moved a PD point's KV (from the engines' output) and,
+    where they break what the placement expects, the problem naming them."""
+    transports = parse_proto_info(engine_output)
+    expectation = KvPathExpectation.of(placement, ucx_tls, spans_nodes)
+    return telemetry.model_copy(update={"kv_transports": transports, "kv_path_expected": expectation.why,
+                                        "kv_path_problem": kv_path_problem(transports, expectation)})
+
+
+def kv_path_summary(telemetry: Telemetry) -> str:
+    """One line on a PD point's KV path: transport, transfers, size, time and bandwidth (with the
+    proven range where Ray's buckets are all there is), and the problem if any."""
+    parts = [("KV over " + ", ".join(telemetry.kv_transports)) if telemetry.kv_transports
+             else "KV transport not identified (no UCX protocol table in the engines' output)"]
+    if telemetry.kv_transfers:
+        n = telemetry.kv_transfers
+        size = f", {float(telemetry.kv_bytes or 0) / n / 1e6:.2f} MB each" if telemetry.kv_bytes else ""
+        parts.append(f"{n:g} transfers{size}")
+    if telemetry.kv_transfer_time_s:
+        est = "~" if "kv_transfer_time_s" in telemetry.estimated_means else ""
+        parts.append(f"{est}{telemetry.kv_transfer_time_s * 1e3:.2f} ms per transfer")
+    bw = kv_bandwidth_gb_s(telemetry)
+    if bw is not None:
+        parts.append(f"{bw:.2f} GB/s{kv_bandwidth_note(telemetry)}")
+    if telemetry.nixl_metrics_present == [] and not telemetry.kv_transfers:
+        parts.append("no NIXL metrics scraped")
+    problems = kv_failures(telemetry) + ([telemetry.kv_path_problem] if telemetry.kv_path_problem else [])
+    if problems:
+        parts.append("PROBLEM: " + "; ".join(problems))
+    return " · ".join(parts)

@@ -51,7 +51,7 @@ def _bundles(role: Role, device: str, node_ip: str | None) -> dict[str, Any]:
         bundle: dict[str, float] = {"CPU": 1}
         bundles = [dict(bundle) for _ in range(role.tp)]
     else:
-        bundles = [{"CPU": 1, "GPU": 1} for _ in range(role.tp)]
+        bundles = [{"CPU": 1, "GPU": role.gpu_fraction} for _ in range(role.tp)]
     if node_ip:
         for b in bundles:
             b[f"node:{node_ip}"] = NODE_RESOURCE_AMOUNT
@@ -72,7 +72,9 @@ def _fits(engines: list[int], capacities: list[int]) -> bool:
 
 
 def _engines(role: Role) -> list[int]:
-    return [role.tp] * role.replicas
+    """GPUs per engine, for fitting; engines sharing one GPU count as one engine of one GPU in all
+    (the spec allows sharing only when they fit on one GPU together)."""
+    return [role.tp] * role.replicas if role.gpu_fraction >= 1 else []
 
 
 def logical_cpus(t: Topology) -> int:
@@ -116,7 +118,8 @@ def plan(topology: Topology, nodes: list[NodeInfo]) -> PlacementPlan:
     # Deterministic choice: most GPUs first, then by IP.
     ordered = sorted(gpu_nodes, key=lambda n: (-n.gpus, n.ip))
 
-    if t.placement == "any":
+    shared = [1] if t.shares_gpu else []  # every engine of a GPU-sharing topology on one GPU
+    if t.placement == "any" and not t.shares_gpu:
         all_engines = [s for r in roles.values() for s in _engines(r)]
         if not _fits(all_engines, [n.gpus for n in ordered]):
             return infeasible(f"its engines (GPUs {sorted(all_engines, reverse=True)}) do not fit on nodes with "
@@ -124,8 +127,8 @@ def plan(topology: Topology, nodes: list[NodeInfo]) -> PlacementPlan:
         return PlacementPlan(t.name, {name: RolePlacement(name, None, _bundles(r, "gpu", None))
                                       for name, r in roles.items()})
 
-    if t.placement == "pack":
-        all_engines = [s for r in roles.values() for s in _engines(r)]
+    if t.placement == "pack" or t.shares_gpu:
+        all_engines = shared + [s for r in roles.values() for s in _engines(r)]
         for node in ordered:
             if _fits(all_engines, [node.gpus]):
                 return PlacementPlan(t.name, {name: RolePlacement(name, node.ip, _bundles(r, "gpu", node.ip))

@@ -155,6 +155,11 @@ class Telemetry(_Open):
     counter_resets: list[str] = Field(default_factory=list)
     scrape_errors: dict[str, str] = Field(default_factory=dict)
     nixl_metrics_present: list[str] = Field(default_factory=list)
+    # PD: the UCX transports that moved the KV (pdperf.network), what the placement expects, and
+    # the problem when they differ (it fails the point)
+    kv_transports: list[str] = Field(default_factory=list)
+    kv_path_expected: str | None = None
+    kv_path_problem: str | None = None
     samples_during: int = 0
     by_url: dict[str, dict[str, Any]] = Field(default_factory=dict)
     raw: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -8,6 +8,7 @@ silently different benchmark. Ids carry the coordinates that matter when compari
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -23,14 +24,19 @@ class _Strict(BaseModel):
 
 
 class Role(_Strict):
-    """A group of identical engines: how many replicas, and the tensor-parallel size of each."""
+    """A group of identical engines: how many replicas, the tensor-parallel size of each, and (TP 1
+    only) the share of one GPU each engine takes: engines of a topology can share one GPU, so a
+    single-GPU machine (a CI runner) runs PD and its KV path (CUDA IPC) at all."""
 
     replicas: int = Field(1, ge=1)
     tp: int = Field(1, ge=1)
+    gpu_fraction: float = Field(1.0, gt=0, le=1, description="share of one GPU per engine (TP 1 only)")
 
     @property
-    def gpus(self) -> int:
-        return self.replicas * self.tp
+    def gpus(self) -> int | float:
+        """GPUs the role takes: whole unless its engines share one (``gpu_fraction``)."""
+        g = self.replicas * self.tp * self.gpu_fraction
+        return int(g) if g == int(g) else g
 
 
 class Topology(_Strict):
@@ -74,6 +80,16 @@ class Topology(_Strict):
                 raise ValueError(
                     f"topology {n}: prefill TP {self.prefill.tp} > decode TP {self.decode.tp}, which NixlConnector "
                     f"does not support; make decode TP >= prefill TP")
+        shared = [r for r in self.roles().values() if r.gpu_fraction < 1]
+        if shared:
+            if any(r.tp != 1 or r.gpu_fraction >= 1 for r in self.roles().values()):
+                raise ValueError(f"topology {n}: gpu_fraction < 1 shares one GPU between engines: every role needs "
+                                 "tp: 1 and a gpu_fraction below 1")
+            if sum(r.replicas * r.gpu_fraction for r in self.roles().values()) > 1 + 1e-9:
+                raise ValueError(f"topology {n}: engines sharing a GPU take more than all of it "
+                                 f"(replicas x gpu_fraction sum to more than 1)")
+            if self.placement == "spread":
+                raise ValueError(f"topology {n}: engines sharing one GPU cannot be spread across nodes")
         if self.device == "cpu":
             for role in self.roles().values():
                 if role.tp != 1:
@@ -94,7 +110,12 @@ class Topology(_Strict):
         """GPUs the topology uses (0 on the CPU stack)."""
         if self.device == "cpu":
             return 0
-        return sum(r.gpus for r in self.roles().values())
+        return math.ceil(sum(r.gpus for r in self.roles().values()) - 1e-9)
+
+    @property
+    def shares_gpu(self) -> bool:
+        """Whether its engines share one GPU (``gpu_fraction`` below 1)."""
+        return any(r.gpu_fraction < 1 for r in self.roles().values())
 
     @property
     def engines(self) -> int:

@@ -4,6 +4,8 @@
 #   2. the CPU sweeps, gated against the committed CPU baselines, one topology up at a time
 #      (--max-alive 1): on 2 cores an idle PD engine's NIXL progress thread spins a core and
 #      would be measured as part of every other topology's latency;
+#   3. the network tier on real NIXL: which transport moved the KV, shared memory against UCX
+#      forced to TCP (the EFA and two-node parts skip with the reason);
 # scripts/test-backends.sh runs the smoke tier through the other two backends (plain `vllm serve`
 # + proxy, and an external URL); it is not in CI yet (see benchmarks/results/gpu-runs/SESSION-LOG.md: the no-Ray PD
 # path on 2 cores decodes at ~1.5 tokens/s with KV lease expiries).
@@ -24,10 +26,13 @@ echo "== lint: ruff and mypy (strict on pdperf/gate and the typed result pipelin
 .venv/bin/ruff check pdperf fixtures tests benchmarks tools conftest.py || status=$?
 .venv/bin/mypy pdperf fixtures || status=$?
 
-echo "== 1/2 selftest + smoke (backend ray)"
+echo "== 1/3 selftest + smoke (backend ray)"
 $py -m pytest -m "selftest or smoke" "$@" || status=$?
 
-echo "== 2/2 sweeps gated against baselines/ (backend ray, one topology at a time)"
+echo "== 2/3 sweeps gated against baselines/ (backend ray, one topology at a time)"
 $py -m pytest -m sweep --max-alive 1 "$@" || status=$?
+
+echo "== 3/3 network tier: the KV's transport, shared memory vs forced TCP (backend ray, one topology at a time)"
+$py -m pytest -m network --max-alive 1 "$@" || status=$?
 
 exit $status

@@ -36,6 +36,9 @@ class Endpoint:
     restarts_at_ready: int = 0
     restart_counter: Callable[[], int] = lambda: 0
     log_tail: Callable[[int], str] = lambda n: ""
+    # The engines' own output (stdout and stderr), newest ``n`` lines each: what UCX printed about
+    # the transport it chose for the KV (pdperf.network.parse_proto_info). "" when not available.
+    engine_output: Callable[[int], str] = lambda n: ""
     details: dict = field(default_factory=dict)
     # Other applications the backend sees serving on the same cluster (e.g. Serve apps another
     # pytest run kept up); the pool's own deployments are added by the caller.
@@ -88,9 +91,10 @@ def nonblank_tail(path: Path, n: int) -> list[str]:
     return [ln for ln in tail_file(path, 2 * n + 8).splitlines() if ln.strip()][-n:]
 
 
-def ray_worker_log(logs_dir: Path, pid: int) -> Path | None:
-    """The newest stderr file of a Ray worker process (``worker-*-<pid>.err``) in a node's log folder."""
-    files = sorted(Path(logs_dir).glob(f"worker-*-{pid}.err"), key=lambda p: p.stat().st_mtime)
+def ray_worker_log(logs_dir: Path, pid: int, suffix: str = "err") -> Path | None:
+    """The newest stderr (``suffix="out"``: stdout) file of a Ray worker process (``worker-*-<pid>.err``)
+    in a node's log folder."""
+    files = sorted(Path(logs_dir).glob(f"worker-*-{pid}.{suffix}"), key=lambda p: p.stat().st_mtime)
     return files[-1] if files else None
 
 

@@ -206,6 +206,10 @@ def llm_config(t: Topology, role: str, model_path: Path, placement: PlacementPla
     if t.device == "gpu" and tcpstore_base is not None and "VLLM_DP_MASTER_PORT" not in env:
         # the topology's own VLLM_DP_MASTER_PORT wins over both
         env = {"VLLM_DP_MASTER_PORT": str(tcpstore_base), ray_replica.MARK: ray_replica.MARK_VALUE, **env}
+    if t.device == "gpu" and r.gpu_fraction < 1 and "VLLM_RAY_PER_WORKER_GPUS" not in env:
+        # vLLM's Ray worker asks for a whole GPU unless told; its bundle holds only the fraction
+        # (newer Ray Serve LLM infers it from the bundle, older ones do not: ray-project/ray#58328)
+        env = {**env, "VLLM_RAY_PER_WORKER_GPUS": str(r.gpu_fraction)}
     experimental: dict[str, Any] = {"stream_batching_interval_ms": stream_batching_interval_ms}
     if t.kind == "pd":
         experimental["_prewarm_prefill_decode"] = True
@@ -260,19 +264,20 @@ def _replica_actors(app: str) -> list[dict[str, Any]]:
     return [a for a in compat.actor_table() if (a.get("ActorClassName") or "").startswith(prefix)]
 
 
-def _actor_log_tail(actor: dict[str, Any], n: int) -> str:
-    """Last lines of a replica's stderr (vLLM logs there): local log files, else the state API."""
+def _actor_log_tail(actor: dict[str, Any], n: int, suffix: str = "err") -> str:
+    """Last lines of a replica's stderr (vLLM logs there; ``suffix="out"``: its stdout, where UCX
+    prints): local log files, else the state API (a replica on another node)."""
     pid = actor.get("Pid")
     if not pid:  # PENDING_CREATION: never scheduled (no resources), so no process and no log
         return f"(no log: the replica has no process yet, state {actor.get('State')})"
     logs_dir = compat.local_logs_dir()
-    log_file = ray_worker_log(Path(logs_dir), pid) if logs_dir else None
+    log_file = ray_worker_log(Path(logs_dir), pid, suffix) if logs_dir else None
     if log_file is not None:
         return tail_file(log_file, n)
     try:
         from ray.util.state import get_log
 
-        return "".join(get_log(pid=pid, node_id=actor["Address"]["NodeID"], tail=n, suffix="err", timeout=10))
+        return "".join(get_log(pid=pid, node_id=actor["Address"]["NodeID"], tail=n, suffix=suffix, timeout=10))
     except Exception as e:  # noqa: BLE001 - a missing log must not hide the real failure
         return f"(log unavailable: {type(e).__name__}: {e})"
 
@@ -348,6 +353,12 @@ class RayServeDeployment(Deployment):
             chunks.append(f"--- {a['ActorClassName']} ({a.get('State')}, pid {a.get('Pid')}) last {len(lines)} lines:\n"
                           + "\n".join(lines))
         return "\n".join(chunks) or "(no replica logs found)"
+
+    def engine_output(self, n: int = 4000) -> str:
+        """Every engine replica's newest ``n`` lines of stdout and stderr (the engine core is a child
+        of the replica's process and writes to the same files)."""
+        return "\n".join(_actor_log_tail(a, n, suffix) for a in _replica_actors(self.app)
+                         if "Ingress" not in a.get("ActorClassName", "") for suffix in ("out", "err"))
 
     def _status_text(self) -> str:
         from ray import serve
@@ -452,6 +463,7 @@ class RayServeDeployment(Deployment):
             model=self.model,
             metrics_urls=self.cluster.metrics_urls(), startup_s=startup_s, placement=self._placement,
             restarts_at_ready=restarts, restart_counter=self.restarts, log_tail=self.log_tail,
+            engine_output=self.engine_output,
             neighbours=self.neighbours,
             details={"app": self.app, "ray_address": self.cluster.address or "local", "adopted": self._adopted,
                      "stream_batching_interval_ms": self.stream_batching_interval_ms})

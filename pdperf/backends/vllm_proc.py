@@ -145,7 +145,9 @@ class VllmProcessDeployment(Deployment):
             for i in range(r.replicas):
                 port = free_port()
                 devices = None
-                if t.device == "gpu":
+                if t.device == "gpu" and t.shares_gpu:  # engines sharing one GPU: all on the one taken
+                    devices = mine[:1]
+                elif t.device == "gpu":
                     devices, mine = mine[:r.tp], mine[r.tp:]
                 env = vllm_serve_env(t, side_channel_port=free_port(), devices=devices)
                 cmd = vllm_cli() + vllm_serve_args(t, role, model_path, port)
@@ -190,7 +192,7 @@ class VllmProcessDeployment(Deployment):
         return Endpoint(topology=t, backend=self.backend, base_url=base, model_id=t.name, tokenizer_path=model_path,
                         model=self.model,
                         metrics_urls=[p.url + "/metrics" for p in all_engines], startup_s=time.monotonic() - t0,
-                        restart_counter=lambda: 0, log_tail=self.log_tail,
+                        restart_counter=lambda: 0, log_tail=self.log_tail, engine_output=self.log_tail,
                         details={"engines": {p.name: p.url for p in all_engines}, "logs": str(self.log_dir)})
 
     def stop(self, *, evict: bool = False) -> None:

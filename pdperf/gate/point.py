@@ -20,6 +20,7 @@ from typing import Any
 
 from pdperf.gate.thresholds import Thresholds
 from pdperf.gate.verdicts import Confirmation, GateResult, gate_point
+from pdperf.network import kv_failures
 from pdperf.results import PointResult, SloResult
 
 RESTART_FLAG = "replica_restart_during_load"
@@ -39,6 +40,7 @@ class PointVerdict:
     error_budget: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
     error_examples: dict[str, str] = field(default_factory=dict)
+    kv_problems: list[str] = field(default_factory=list)  # failed transfers, expired leases, the wrong transport
 
     @property
     def gate_status(self) -> str | None:
@@ -67,6 +69,8 @@ class PointVerdict:
         parts = []
         if self.errored:
             parts.append(f"errored, no performance verdict: {self.error_message()}")
+        if self.kv_problems:
+            parts.append("KV path: " + "; ".join(self.kv_problems))
         if self.slo_failures:
             parts.append("SLO missed: " + "; ".join(self.slo_failures))
         if self.gate and self.gate.status == "regressed":
@@ -105,6 +109,8 @@ def judge(result: PointResult, *, test_id: str, baselines_root: Path, thresholds
                      failed=s.requests_failed, error_budget=s.error_budget, errors=dict(s.errors),
                      error_examples=dict(s.error_examples))
     v.slo_failures = slo_failures(result)
+    v.kv_problems = kv_failures(result.telemetry) + (
+        [result.telemetry.kv_path_problem] if result.telemetry.kv_path_problem else [])
     if gate and not v.errored:
         v.gate = gate_point(baselines_root, result, thresholds)
         if remeasure is not None:

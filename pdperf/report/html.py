@@ -20,6 +20,7 @@ from typing import Any
 
 from pdperf import __version__, metrics
 from pdperf.gate.verdicts import GateResult
+from pdperf.network import kv_path_summary
 from pdperf.report.plots import (
     LegendItem,
     RatioRow,
@@ -398,8 +399,18 @@ def _topology_tables(run: RunData, summaries: dict[str, PointSummary]) -> str:
                    f"{escape(gpu_text)}{_co_resident_text(pts)}</span></h3>"
                    "<div class=\"scroll\"><table class=\"results\">"
                    f"<tr>{''.join(hdr1)}</tr>"
-                   f"<tr>{hdr2}</tr>{''.join(rows)}</table></div>" + _gpu_clock_text(pts) + _host_cpu_text(pts))
+                   f"<tr>{hdr2}</tr>{''.join(rows)}</table></div>" + _kv_path_text(pts, kind)
+                   + _gpu_clock_text(pts) + _host_cpu_text(pts))
     return "".join(out)
+
+
+def _kv_path_text(pts: list[PointResult], kind: str) -> str:
+    """PD topologies: per point, which transport moved the KV and how fast (pdperf.network)."""
+    if kind != "pd":
+        return ""
+    lines = [f"<li><span class=\"id\">{escape(p.workload)} {escape(p.point_id)}</span>: "
+             f"{escape(kv_path_summary(p.telemetry))}</li>" for p in pts]
+    return '<p class="note">KV path (UCX\'s protocol selection, NIXL\'s metrics):</p><ul class="note">' + "".join(lines) + "</ul>"
 
 
 def _gpu_clock_text(pts: list[PointResult]) -> str:

@@ -92,15 +92,18 @@ class SessionPlan:
     device: Literal["cpu", "gpu"]  # --device, "auto" resolved from the nodes
 
     # -- selection -------------------------------------------------------------------------------
-    def topologies(self, kind: str | None = None) -> list[Topology]:
-        """The topologies the session's tests are parametrized over (--topology; all by default)."""
+    def topologies(self, kind: str | None = None, tag: str | None = None) -> list[Topology]:
+        """The topologies the session's tests are parametrized over (--topology; all by default),
+        of ``kind`` and carrying ``tag`` if given. A topology tagged ``network-only`` (a deliberately
+        broken KV path, such as UCX forced to TCP) is only for tests that ask for the network tag."""
         patterns = self.options.topology_patterns
         if self.options.backend == "external":
             picked = [t for n, t in self.specs.topologies.items() if patterns and _match(n, patterns)]
             topos = picked[:1] or [external_topology(self.options)]
         else:
             topos = [t for n, t in sorted(self.specs.topologies.items()) if _match(n, patterns)]
-        return [t for t in topos if kind is None or t.kind == kind]
+        return [t for t in topos if (kind is None or t.kind == kind) and (tag is None or tag in t.tags)
+                and ("network-only" not in t.tags or tag == "network")]
 
     def workloads(self) -> list[Workload]:
         """The workloads selected (--workload) that fit this run's device."""
@@ -154,6 +157,11 @@ class SessionPlan:
         return [OutcomeGroup(reason, tuple(names)) for reason, names in groups.items() if names]
 
     # -- deployments ------------------------------------------------------------------------------
+    def served_model(self, t: Topology) -> str:
+        """The model ``t``'s engines serve: --model replaces a GPU topology's own."""
+        override = self.options.model_override
+        return override if override and t.device == "gpu" else t.model
+
     def reference_for(self, t: Topology) -> Topology | None:
         """The collocated topology whose greedy output a PD topology must reproduce."""
         if t.kind != "pd":
@@ -161,7 +169,7 @@ class SessionPlan:
         assert t.decode is not None
         selected = {s.name for s in self.topologies()}
         candidates = [c for c in self.specs.topologies.values()
-                      if c.kind == "collocated" and c.device == t.device and c.model == t.model
+                      if c.kind == "collocated" and c.device == t.device and self.served_model(c) == self.served_model(t)
                       and c.collocated is not None and c.collocated.tp == t.decode.tp]
         # Prefer one this session runs anyway (no extra deployment), then the smallest.
         return min(candidates, key=lambda c: (c.name not in selected, c.gpus, c.name), default=None)

@@ -6,6 +6,8 @@ to it silently orphans every stored baseline.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pdperf.cluster import ClusterShape, NodeInfo, detect_efa, nodes_from_ray_state
@@ -123,3 +125,30 @@ def test_hardware_id_ignores_hostnames_and_the_cpu_only_head():
     a = ClusterShape(nodes=[head, h100(1, efa=32), h100(2, efa=32)], cpu_model="x", cpu_cores=2)
     b = ClusterShape(nodes=[h100(7, efa=16), h100(8, efa=16)], cpu_model="y", cpu_cores=64)
     assert a.hardware_id == b.hardware_id == "h100-x8-n2-efa"
+
+
+# -- libfabric's view of EFA (fi_info) --------------------------------------------------------
+# fi_info's output format with a p5.48xlarge's shape (32 EFA devices, each once per endpoint type,
+# beside the shm and tcp providers); written to that format, not captured on a p5.
+
+def test_parse_fi_info_p5_shaped():
+    from pdperf.cluster import parse_fi_info
+
+    text = (Path(__file__).parent / "data" / "efa" / "fi_info-p5-shaped.txt").read_text()
+    domains = parse_fi_info(text)
+    assert len(domains) == 64 and domains[0] == "rdmap79s0-rdm" and "shm" not in domains
+    assert parse_fi_info(text, "shm") == ["shm"]
+    assert parse_fi_info(text, "tcp") == ["ens32"]  # "tcp;ofi_rxm": the core provider counts
+    assert parse_fi_info("") == []
+
+
+def test_p5_shaped_sysfs_tree(tmp_path):
+    for b in range(79, 79 + 32):
+        add_ib_device(tmp_path, f"rdmap{b}s0", "efa")
+    assert len(detect_efa(tmp_path)) == 32
+
+
+def test_libfabric_view_travels_with_the_node():
+    (node,) = [n for n in nodes_from_ray_state(RAY_NODES, efa={"w1": 32}, efa_libfabric={"w1": 0}) if n.node_id == "w1"]
+    assert node.has_efa and node.efa_libfabric_domains == 0
+    assert all(n.efa_libfabric_domains is None for n in nodes_from_ray_state(RAY_NODES))

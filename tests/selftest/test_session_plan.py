@@ -157,9 +157,10 @@ def test_topology_patterns():
     assert [t.name for t in plan.topologies()] == ["cpu-colloc-1xtp1", "cpu-pd-1p1-1d1"]
     assert [t.name for t in plan.topologies(kind="pd")] == ["cpu-pd-1p1-1d1"]
     plan = repo_plan(ONE_X8, topology_patterns=("colloc-1xtp1", "pd-1p1-*"))
-    assert [t.name for t in plan.topologies()] == ["colloc-1xtp1", "pd-1p1-1d1-pack"]
+    assert [t.name for t in plan.topologies()] == ["colloc-1xtp1", "pd-1p1-1d1-1gpu", "pd-1p1-1d1-pack"]
     everything = repo_plan(ONE_X8)
-    assert len(everything.topologies()) == len(everything.specs.topologies)  # no pattern: all
+    network_only = [n for n, t in everything.specs.topologies.items() if "network-only" in t.tags]
+    assert len(everything.topologies()) == len(everything.specs.topologies) - len(network_only)  # no pattern: all
 
 
 def test_workloads_follow_device_and_patterns(sweep_specs):
@@ -236,6 +237,22 @@ def test_reference_for_matches_model_and_decode_tp():
     }, {}), ONE_X8)
     assert plan.reference_for(plan.specs.topologies["pd-x"]).name == "c-1xtp2"  # same model and TP, fewest GPUs
     assert plan.reference_for(plan.specs.topologies["pd-orphan"]) is None
+
+
+def test_reference_for_the_single_gpu_pd_and_under_model_override():
+    plan = repo_plan(ONE_X8)
+    assert plan.reference_for(plan.specs.topologies["pd-1p1-1d1-1gpu"]).name == "colloc-1xtp1-8b"
+    # --model serves one model on every GPU topology: the 120B files' references then qualify too
+    plan = repo_plan(ONE_X8, model_override="llama-3.1-8b", topology_patterns=("pd-1p1-1d1-1gpu", "colloc-1xtp1"))
+    assert plan.served_model(plan.specs.topologies["colloc-1xtp1"]) == "llama-3.1-8b"
+    assert plan.reference_for(plan.specs.topologies["pd-1p1-1d1-1gpu"]).name == "colloc-1xtp1"
+
+
+def test_network_only_topologies_only_for_the_network_tag():
+    plan = repo_plan(CPU_ONLY, topology_patterns=("cpu-*",))
+    assert "cpu-pd-1p1-1d1-tcp" not in [t.name for t in plan.topologies()]
+    assert "cpu-pd-1p1-1d1-tcp" not in [c.topology.name for c in plan.sweep_cases()]
+    assert [t.name for t in plan.topologies(kind="pd", tag="network")] == ["cpu-pd-1p1-1d1", "cpu-pd-1p1-1d1-tcp"]
 
 
 def test_pd_shares_a_deployment_group_with_its_reference():

@@ -87,6 +87,8 @@ def test_small_load_point(endpoint, smoke_workload, measure):
     assert all(r.output_tokens == smoke_workload.osl for r in measured), "output lengths are not exact"
     assert s.metrics["ttft_ms"].n == len(measured)
     assert not [f for f in result.flags if f.startswith("replica_restart_during_load")], result.flags
+    if endpoint.topology.kind == "pd":  # the KV moved over what the placement expects (pdperf.network)
+        assert not result.telemetry.kv_path_problem, f"{result.id}: {result.telemetry.kv_path_problem}"
     # the model the engines serve (not the name requests carry): bands and the gate compare it
     assert result.environment.model == endpoint.model, result.environment
     if endpoint.backend != "external":  # Ray and vLLM serve a models.py key or folder under the topology's name
