@@ -283,6 +283,8 @@ def band_mismatch(entry: BaselineEntry, result: PointResult) -> str | None:
     return None
 
 
+INJECTED_FLAG = "injected_slowdown"  # pdperf.inject: a regression of known size, put there on purpose
+
 # What each point flag means for a recording, and what to do (flags: pdperf/loadgen/runner.py, fixtures/reporting.py).
 FLAG_ADVICE = {
     "client_loop_lag": "The load generator's event loop lagged, so its timestamps are late: another job was "
@@ -297,6 +299,8 @@ FLAG_ADVICE = {
                              "server's?): check --tokenizer / the model.",
     "telemetry_counter_reset": "A server metrics counter went backwards (an engine restarted): re-run.",
     "telemetry_scrape_failed": "The server's /metrics could not be read: check metrics_urls and re-run.",
+    INJECTED_FLAG: "The point was slowed on purpose (--inject-slowdown, pdperf.inject): it measures what the gate "
+                   "detects and is never a baseline.",
     "requests_failed": "Requests failed during the point (the verdict names how many and why): a baseline must "
                        "come from a point where every request succeeded; fix the cause and re-run.",
 }
@@ -332,6 +336,10 @@ def write_baseline(root: Path, point_results: Iterable[PointResult], *, allow_fl
         if not hw:
             raise BaselineError(f"point {r.id}: environment has no 'hardware_id', so it has no baseline folder; "
                                 "record the environment fingerprint with the point")
+        injected = [f for f in r.flags if f.startswith(INJECTED_FLAG)]
+        if injected:  # a deliberately slowed point is never anyone's reference, flagged or not
+            raise BaselineError(f"point {r.id}: {injected[0]} (--inject-slowdown): a regression put there on "
+                                "purpose is never written as a baseline; run without --inject-slowdown")
         if r.flags and not allow_flagged:
             raise BaselineError(f"point {r.id}: flagged {', '.join(r.flags)}; a baseline recorded like this would "
                                 f"hide regressions, so none was written. {flag_advice(r.flags)}")

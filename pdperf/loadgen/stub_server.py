@@ -339,8 +339,14 @@ class StubServerProcess:
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
 
+    health_path = "/health"  # answered by the server itself once it serves
+
+    def command(self) -> list[str]:
+        """The server's command line (a subclass runs another server with the same start-up and exit)."""
+        return [self.python, "-m", "pdperf.loadgen.stub_server", "--behavior", json.dumps(asdict(self.behavior))]
+
     def __enter__(self) -> str:
-        args = [self.python, "-m", "pdperf.loadgen.stub_server", "--behavior", json.dumps(asdict(self.behavior))]
+        args = self.command()
         if self.cpu is not None:
             args = ["taskset", "-c", str(self.cpu), *args]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -375,7 +381,7 @@ class StubServerProcess:
                     url = line.split(None, 1)[1].strip()
         while True:
             try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                with urllib.request.urlopen(url + self.health_path, timeout=2) as r:
                     if r.status == 200:
                         return url
             except OSError:

@@ -79,6 +79,7 @@ class SessionOptions:
     max_alive: int = 2
     requests_scale: float = 1.0
     stream_batching_ms: int = 0
+    inject_slowdown: float | None = None  # --inject-slowdown: every response this much slower (pdperf.inject)
     engine_overrides: dict[str, Any] = field(default_factory=dict)  # --engine-arg, parsed
     keep_deployments: bool = False
     prestart: bool = True
@@ -107,6 +108,9 @@ class SessionOptions:
         if self.stream_batching_ms < 0:
             raise SpecError(f"--stream-batching-ms {self.stream_batching_ms}: must be >= 0 (0 = off, Ray's own "
                             "default is 50)")
+        if self.inject_slowdown is not None and not 0 <= self.inject_slowdown <= 10:
+            raise SpecError(f"--inject-slowdown {self.inject_slowdown:g}: must be between 0 and 10 (0.2 = every "
+                            "response 20% slower; 0 = through the proxy, unslowed)")
 
     @classmethod
     def from_namespace(cls, ns: Any, *, root: Path, environ: Mapping[str, str]) -> SessionOptions:
@@ -120,6 +124,7 @@ class SessionOptions:
             ray_address=ns.ray_address, model_override=ns.model, external_url=ns.external_url,
             external_model=ns.external_model, tokenizer=ns.tokenizer, deploy_timeout_s=ns.deploy_timeout,
             max_alive=ns.max_alive, requests_scale=ns.requests_scale, stream_batching_ms=ns.stream_batching_ms,
+            inject_slowdown=getattr(ns, "inject_slowdown", None),
             engine_overrides=parse_engine_args(ns.engine_arg or []), keep_deployments=ns.keep_deployments,
             prestart=not ns.no_prestart,
             xdist_workers=getattr(ns, "numprocesses", None),  # only there with pytest-xdist installed
