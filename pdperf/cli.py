@@ -2,12 +2,14 @@
 
 - ``pdperf serve TOPOLOGY``   stand a topology up and keep it serving (the study's launcher)
 - ``pdperf query URL``        one streamed request: TTFT and per-token timing
-- ``pdperf validate``         check every topology and workload file
+- ``pdperf validate [PATH]``  check topology and workload files (the repo's, or a user's own)
 - ``pdperf plan TOPOLOGY``    show where a topology's engines would go on this cluster
 - ``pdperf diagnose``         why a deployment is not ready (Serve, placement groups, replica logs)
 - ``pdperf report RUN_DIR``   rebuild a run's report; ``pdperf compare A B`` compares runs
 - ``pdperf baseline add-run RUN_DIR|POINT...``  add measured runs to their points' baseline bands;
-  ``pdperf baseline show FILE [--runs]``  each point's band of runs; ``baseline remove-run FILE POINT N``
+  ``pdperf baseline show FILE [--runs]``  each point's band of runs and what its gate can detect;
+  ``pdperf baseline mde FILE|DIR... [--json OUT]``  the minimum detectable regression per point and
+  gated statistic; ``baseline remove-run FILE POINT N``
 
 User mistakes end with one ``error:`` line and exit code 2, never a traceback.
 """
@@ -21,7 +23,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pdperf.errors import PdperfError
 from pdperf.gate.store import BandRun
@@ -106,10 +108,75 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+#: keys a workload file has and a topology file does not (a topology file is told by its ``kind``)
+_WORKLOAD_KEYS = ("isl", "osl", "sweep")
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    topos, wls = all_topologies(), all_workloads()
-    print(f"{len(topos)} topologies and {len(wls)} workloads are valid")
+    """Without paths: the repo's topologies/ and workloads/. With paths (files, or folders of *.yaml:
+    a user's own, from anywhere): each file checked as what its content says it is, with the messages
+    the suite gives when it loads it; one line per file, exit status 2 when any is not valid."""
+    if not args.paths:
+        topos, wls = all_topologies(), all_workloads()
+        print(f"{len(topos)} topologies and {len(wls)} workloads are valid")
+        return 0
+    lines = [problem or _check_spec_file(path) for path, problem in _spec_files(args.paths)]
+    for _, line in lines:
+        print(line)
+    bad = sum(1 for ok, _ in lines if not ok)
+    if bad:
+        print(f"error: {bad} of {len(lines)} checked are not valid (above)", file=sys.stderr)
+        return 2
     return 0
+
+
+def _spec_files(items: list[str]) -> list[tuple[Path, tuple[bool, str] | None]]:
+    """The files the arguments name (a folder: its *.yaml, as the suite reads it), each with the
+    problem that stops it from being checked at all, if any."""
+    out: list[tuple[Path, tuple[bool, str] | None]] = []
+    for item in items:
+        path = Path(item)
+        if not path.exists():
+            out.append((path, (False, f"{path}: no such file or folder; pass topology or workload YAML files, "
+                                      "or folders of them")))
+        elif path.is_dir():
+            files = sorted(path.glob("*.yaml"))
+            if not files:
+                others = sorted(p.name for p in path.glob("*.yml"))
+                hint = f" ({', '.join(others[:3])}: rename them to .yaml)" if others else ""
+                out.append((path, (False, f"{path}: no *.yaml files in this folder{hint}; the suite reads "
+                                          "topology and workload files named *.yaml")))
+            out.extend((f, None) for f in files)
+        else:
+            out.append((path, None))
+    return out
+
+
+def _check_spec_file(path: Path) -> tuple[bool, str]:
+    """One file as a topology (it has a ``kind`` key) or a workload (it has isl, osl or sweep): ok,
+    or the error the suite would give, on one line."""
+    from pdperf.errors import SpecError
+    from pdperf.specs import load_topology, load_workload, load_yaml
+
+    try:
+        data = load_yaml(path)
+        if "kind" in data:
+            stray = [k for k in _WORKLOAD_KEYS if k in data]
+            if stray and data["kind"] not in ("collocated", "pd"):  # a workload whose sweep kind slipped out
+                raise SpecError(f"{path}: has a 'kind' key ({data['kind']!r}), so it is read as a topology, but "
+                                f"also a workload's {', '.join(stray)}; if it is a workload, move 'kind' under "
+                                "'sweep:'")
+            t = load_topology(path)
+            return True, f"{path}: ok, topology '{t.name}'"
+        if any(k in data for k in _WORKLOAD_KEYS):
+            w = load_workload(path)
+            return True, f"{path}: ok, workload '{w.name}'"
+        raise SpecError(f"{path}: neither a topology (no 'kind' key) nor a workload (none of "
+                        f"{', '.join(_WORKLOAD_KEYS)}); a topology file has kind: collocated or pd, a workload "
+                        "file has isl, osl and sweep")
+    except SpecError as e:
+        first, *problems = str(e).splitlines()  # a validation error lists one problem a line
+        return False, first + (": " + "; ".join(p.strip() for p in problems) if problems else "")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -168,7 +235,71 @@ def cmd_baseline_add_run(args: argparse.Namespace) -> int:
 
 
 def cmd_baseline_show(args: argparse.Namespace) -> int:
-    print(_bands_text([Path(f) for f in args.files], runs=args.runs))
+    thresholds = None if args.no_mde else _load_thresholds(args.thresholds)
+    print(_bands_text([Path(f) for f in args.files], runs=args.runs, thresholds=thresholds))
+    return 0
+
+
+def _load_thresholds(path: str | None):
+    from pdperf.gate.thresholds import THRESHOLDS_PATH, load_thresholds
+
+    return load_thresholds(Path(path) if path else THRESHOLDS_PATH)
+
+
+def _baseline_files(items: list[str]) -> list[Path]:
+    """Baseline files named, or under the folders named (a store, a hardware's or a topology's folder;
+    planner profiles left out)."""
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        files.extend(sorted(f for f in p.rglob("*.json") if "profiles" not in f.relative_to(p).parts)
+                     if p.is_dir() else [p])
+    if not files:
+        raise PdperfError(f"{', '.join(items)}: no baseline files (<hardware_id>/<topology>/<workload>.json)")
+    return files
+
+
+def cmd_baseline_mde(args: argparse.Namespace) -> int:
+    """What each committed point's gate can detect: the MDE table (pdperf.gate.mde)."""
+    from pdperf.gate.mde import POWER, mde_warnings, point_mdes
+    from pdperf.gate.store import load_baseline_file
+
+    thresholds = _load_thresholds(args.thresholds)
+    if args.draws < 20:
+        raise PdperfError(f"--draws {args.draws}: too few to estimate a {POWER:.0%} detection rate; use 100 or more")
+    out_files: list[dict[str, Any]] = []
+    lines = [f"MDE: the smallest slowdown of each gated statistic that the gate flags as regressed in {POWER:.0%} of "
+             f"{args.draws} simulated runs (seed {args.seed}); false alarm: runs of unchanged code flagged. "
+             "Method: docs/METHODOLOGY.md, 'What the gate can detect (MDE)'."]
+    for f in _baseline_files(args.paths):
+        b = load_baseline_file(f)
+        resolved = thresholds.resolve(b.hardware_id)
+        if b.retired:
+            lines.append(f"{f}  ({b.hardware_id}): retired ({b.retired}); never gated, skipped")
+            out_files.append({"file": str(f), "hardware_id": b.hardware_id, "retired": b.retired, "points": []})
+            continue
+        lines.append(f"{f}  ({b.hardware_id}; thresholds: {resolved.source})")
+        lines.append(f"  {'point':<6} {'gate':<18} {'limit':>6} {'MDE':>6} {'false alarm':>11} {'requests':>8} "
+                     f"{'band':>4}  why")
+        points = []
+        for pid, entry in sorted(b.points.items(), key=lambda kv: (kv[1].point_value, kv[0])):
+            mdes = point_mdes(entry, resolved, requests=args.requests, draws=args.draws, seed=args.seed)
+            for m in mdes:
+                fa = "-" if m.false_alarm is None else f"{m.false_alarm * 100:.1f}%"
+                lines.append(f"  {pid:<6} {m.key:<18} {'+' + format(m.limit * 100, '.0f') + '%':>6} {m.text():>6} "
+                             f"{fa:>11} {m.requests:>8} {m.band_runs:>4}  {m.why}")
+            warnings = mde_warnings(mdes, sweep_kind=entry.sweep_kind)
+            lines.extend(f"  ! {pid}: {w}" for w in warnings)
+            points.append({"point": pid, "sweep_kind": entry.sweep_kind, "point_value": entry.point_value,
+                           "mdes": [m.to_dict() for m in mdes], "warnings": warnings})
+        out_files.append({"file": str(f), "hardware_id": b.hardware_id, "thresholds": resolved.source,
+                          "retired": None, "points": points})
+    print("\n".join(lines))
+    if args.json:
+        from pdperf.results import atomic_write_json
+
+        atomic_write_json(Path(args.json), {"power": POWER, "draws": args.draws, "seed": args.seed,
+                                            "requests": args.requests, "files": out_files})
     return 0
 
 
@@ -209,9 +340,12 @@ def _run_text(run: BandRun) -> str:
     return f"{run.started_at or '?'}, git {(run.git_sha or '?')[:12]}: {vals}"
 
 
-def _bands_text(files: list[Path], point_ids: set[str] | None = None, *, runs: bool = False) -> str:
+def _bands_text(files: list[Path], point_ids: set[str] | None = None, *, runs: bool = False,
+                thresholds=None) -> str:
     """Per baseline file and point: each run's p50 TTFT and TPOT and the band's spread (worst / best);
-    with ``runs``, a line per run (numbered as ``baseline remove-run`` takes them)."""
+    with ``runs``, a line per run (numbered as ``baseline remove-run`` takes them); with
+    ``thresholds``, what the point's gate can detect (the MDE of each gated statistic) and a warning
+    when it cannot catch a 10 % regression of TPOT p50 or of throughput."""
     from pdperf.gate.store import load_baseline_file
 
     lines = []
@@ -230,7 +364,23 @@ def _bands_text(files: list[Path], point_ids: set[str] | None = None, *, runs: b
             lines.append(f"  {pid:<8} {len(band)} run{'s' if len(band) != 1 else ''}: {'; '.join(cells)}")
             if runs:
                 lines.extend(f"    #{i} {_run_text(r)}" for i, r in enumerate(band, 1))
+            if thresholds is not None and not b.retired:
+                lines.extend(_mde_lines(entry, thresholds))
     return "\n".join(lines)
+
+
+def _mde_lines(entry, thresholds) -> list[str]:
+    """``    MDE (95%, 128 requests): p50 ttft_ms +34% spread-bound, ...`` and the point's warnings."""
+    from pdperf.gate.mde import POWER, mde_warnings, point_mdes
+
+    mdes = point_mdes(entry, thresholds)
+    if not mdes:
+        return []
+    cells = ", ".join(f"{m.key} {m.text()} {m.why.split(':')[0]}" for m in mdes)
+    requests = max(m.requests for m in mdes)
+    lines = [f"    MDE ({POWER:.0%} detection, {requests} requests a run): {cells}"]
+    lines.extend(f"    ! {w}" for w in mde_warnings(mdes, sweep_kind=entry.sweep_kind))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--max-tokens", type=int, default=32)
     q.add_argument("--api", choices=("completions", "chat"), default="completions")
     q.set_defaults(fn=cmd_query)
-    v = sub.add_parser("validate", help="validate every topology and workload file")
+    v = sub.add_parser("validate", help="validate topology and workload files (default: the repo's)")
+    v.add_argument("paths", nargs="*", metavar="PATH",
+                   help="topology or workload YAML files, or folders of them (default: topologies/ and workloads/)")
     v.set_defaults(fn=cmd_validate)
     p = sub.add_parser("plan", help="show the placement of a topology on this cluster")
     p.add_argument("topology")
@@ -284,10 +436,24 @@ def main(argv: list[str] | None = None) -> int:
     ba.add_argument("--allow-flagged", action="store_true",
                     help="add points even when flagged (client lag, restarts): they would widen the band")
     ba.set_defaults(fn=cmd_baseline_add_run)
-    bs = bsub.add_parser("show", help="each point's runs and their spread")
+    bs = bsub.add_parser("show", help="each point's runs, their spread, and what its gate can detect (MDE)")
     bs.add_argument("files", nargs="+", metavar="BASELINE_JSON")
     bs.add_argument("--runs", action="store_true", help="a line per run, numbered as remove-run takes them")
+    bs.add_argument("--no-mde", action="store_true", help="leave out the minimum detectable regressions")
+    bs.add_argument("--thresholds", default=None, metavar="YAML", help="gate thresholds "
+                    "(default baselines/thresholds.yaml)")
     bs.set_defaults(fn=cmd_baseline_show)
+    bd = bsub.add_parser("mde", help="the minimum detectable regression of each point's gated statistics "
+                                     "(a power analysis of the gate by simulation)")
+    bd.add_argument("paths", nargs="+", metavar="BASELINE_JSON|BASELINES_DIR")
+    bd.add_argument("--json", default=None, metavar="OUT", help="also write the table as JSON")
+    bd.add_argument("--requests", type=int, default=None, metavar="N",
+                    help="requests a new run of each point sends (default: the baseline's own)")
+    bd.add_argument("--draws", type=int, default=300, metavar="N", help="simulated runs per statistic (default 300)")
+    bd.add_argument("--seed", type=int, default=0)
+    bd.add_argument("--thresholds", default=None, metavar="YAML", help="gate thresholds "
+                    "(default baselines/thresholds.yaml)")
+    bd.set_defaults(fn=cmd_baseline_mde)
     br = bsub.add_parser("remove-run", help="drop one run from a point's band (one added by mistake)")
     br.add_argument("file", metavar="BASELINE_JSON")
     br.add_argument("point", metavar="POINT_ID", help="e.g. c4")
@@ -306,8 +472,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_os_error_line(e, args)}", file=sys.stderr)
         return 2
+
+
+def _os_error_line(e: OSError, args: argparse.Namespace) -> str:
+    """An OSError a command let through, as one line that names the thing and the fix."""
+    import urllib.error
+
+    url = getattr(args, "url", None)
+    if isinstance(e, urllib.error.URLError) and url:  # pdperf query's look-up of the served model
+        return f"{url}: cannot connect ({e.reason}); check the URL and that the server is up"
+    command = " ".join(str(x) for x in ("pdperf", args.cmd, getattr(args, "action", None)) if x)
+    if isinstance(e, IsADirectoryError):
+        return f"{e.filename}: a folder, where a file is expected; pass a file (`{command} -h`)"
+    if isinstance(e, NotADirectoryError):
+        return f"{e.filename}: not a folder, where a folder is expected (`{command} -h`)"
+    return str(e)
 
 
 if __name__ == "__main__":

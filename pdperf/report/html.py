@@ -19,6 +19,7 @@ from html import escape
 from typing import Any
 
 from pdperf import __version__, metrics
+from pdperf.gate.mde import LITTLE_NOTE, POWER, TARGET_CHANGE, Mde, mde_warnings
 from pdperf.gate.verdicts import GateResult
 from pdperf.network import kv_path_summary
 from pdperf.report.plots import (
@@ -762,7 +763,7 @@ def _pd_vs_collocated(run: RunData, summaries: dict[str, PointSummary]) -> str:
     return head + "".join(blocks)
 
 
-def _baseline_section(run: RunData) -> str:
+def _baseline_section(run: RunData, gate_mdes: dict[str, list[Mde]] | None = None) -> str:
     gates = [v.gate for v in (run.verdicts or []) if v.gate is not None]
     if not gates:
         return ""
@@ -792,14 +793,56 @@ def _baseline_section(run: RunData) -> str:
 
     return (f"<h2>Baseline gate</h2><p class=\"note\">{escape(summary)}. Regressed = significant "
             "(Mann-Whitney p &lt; alpha and interval excluding 1) and beyond the metric's limit "
-            "(baselines/thresholds.yaml); see docs/METHODOLOGY.md.</p>" + chart)
+            "(baselines/thresholds.yaml); see docs/METHODOLOGY.md.</p>" + chart + _mde_table(run, gate_mdes))
+
+
+#: The report's MDE columns: gate key and heading.
+_MDE_COLUMNS = (("p50 tpot_ms", "TPOT p50"), ("p50 ttft_ms", "TTFT p50"), ("mean e2e_ms", "E2E mean (throughput)"))
+
+
+def _mde_cell(m: Mde | None) -> str:
+    if m is None:
+        return '<td class="note">not gated</td>'
+    fa = f"; false alarm {m.false_alarm * 100:.1f}% of unchanged runs" if m.false_alarm is not None else ""
+    title = escape(f"{m.key}: limit +{m.limit * 100:.0f}%{fa}; {m.detail or m.why}", quote=True)
+    cls = "" if m.catches(TARGET_CHANGE) else " lose"
+    return (f'<td class="num{cls}" title="{title}">{escape(m.text())} '
+            f'<span class="note">{escape(m.why)}</span></td>')
+
+
+def _mde_table(run: RunData, gate_mdes: dict[str, list[Mde]] | None) -> str:
+    """Per gated point: the MDE of TPOT p50, TTFT p50 and E2E mean, and why it cannot catch a 10 %
+    regression when it cannot (pdperf.gate.mde; empty without baselines to simulate from)."""
+    if gate_mdes is None:
+        return ""
+    head = (f"<h3>What the gate can detect</h3><p class=\"note\">Minimum detectable regression (MDE): the "
+            f"smallest slowdown each gate flags as regressed in {POWER:.0%} of simulated runs of the point at its "
+            "request count, against its baseline and band (docs/METHODOLOGY.md, \"What the gate can detect\"). "
+            f"E2E mean is the throughput gate: {escape(LITTLE_NOTE)}. Hover a cell for the limit, the "
+            "false-alarm rate and the band.</p>")
+    if not gate_mdes:
+        return head + no_data("What the gate can detect", "no gated point has a baseline to simulate from")
+    kinds = {p.id: p.sweep_kind for p in run.points}
+    rows = []
+    for point, mdes in gate_mdes.items():
+        by_key = {m.key: m for m in mdes}
+        cells = "".join(_mde_cell(by_key.get(key)) for key, _ in _MDE_COLUMNS)
+        warnings = mde_warnings(mdes, sweep_kind=kinds.get(point, "concurrency"))
+        warn = "<br>".join(f'<span class="err">{escape(w)}</span>' for w in warnings)
+        requests = max((m.requests for m in mdes), default=0)
+        rows.append(f'<tr><td class="id">{escape(point)}</td><td class="num">{requests}</td>{cells}'
+                    f"<td>{warn}</td></tr>")
+    header = "".join(f"<th>{escape(label)}</th>" for _, label in _MDE_COLUMNS)
+    return (head + f'<div class="scroll"><table><tr><th>point</th><th>requests</th>{header}'
+            f"<th>cannot catch {TARGET_CHANGE * 100:.0f}%</th></tr>{''.join(rows)}</table></div>")
 
 
 # --------------------------------------------------------------------------- entry points
 
 
-def render_fragment(run: RunData) -> str:
-    """The report body (no ``<html>`` wrapper), scoped under ``div.pdperf-report`` with its own CSS."""
+def render_fragment(run: RunData, *, gate_mdes: dict[str, list[Mde]] | None = None) -> str:
+    """The report body (no ``<html>`` wrapper), scoped under ``div.pdperf-report`` with its own CSS;
+    ``gate_mdes``: per gated point, what its gate can detect (pdperf.report.build_report)."""
     summaries = {p.id: point_summary(p) for p in run.points}
     sections = [
         _header(run, summaries),
@@ -808,7 +851,7 @@ def render_fragment(run: RunData) -> str:
         _topology_tables(run, summaries),
         _plots(run, summaries),
         _pd_vs_collocated(run, summaries),
-        _baseline_section(run),
+        _baseline_section(run, gate_mdes),
         _startups(run),
         _environment(run),
         f'<p class="note">Written by pdperf {escape(__version__)}. Per-point numbers: <code>results.csv</code>; '
@@ -817,12 +860,12 @@ def render_fragment(run: RunData) -> str:
     return f'<div class="pdperf-report"><style>{CSS}</style>{"".join(sections)}</div>'
 
 
-def render_document(run: RunData) -> str:
+def render_document(run: RunData, *, gate_mdes: dict[str, list[Mde]] | None = None) -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>pdperf run {escape(run.run_id)}</title>"
             "<style>body { margin: 0 auto; max-width: 1260px; padding: 8px 12px 40px; background: #fff; }</style>"
-            f"</head><body>{render_fragment(run)}</body></html>\n")
+            f"</head><body>{render_fragment(run, gate_mdes=gate_mdes)}</body></html>\n")
 
 
 
