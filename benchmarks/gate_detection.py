@@ -34,6 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+BIN = Path(sys.executable).parent
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -87,8 +88,13 @@ def main() -> int:
     baselines.mkdir(parents=True)
     shutil.copy(ROOT / "baselines" / "thresholds.yaml", baselines / "thresholds.yaml")
     env = dict(os.environ)
-    subprocess.run(["ray", "start", "--head", "--disable-usage-stats"], cwd=ROOT, check=True, capture_output=True,
-                   env=env, timeout=300)
+    from pdperf.backends.ray_serve import METRICS_REPORT_INTERVAL_MS
+
+    # a head like the suite's own local one (loopback, 8 logical CPUs, its metrics export interval)
+    subprocess.run([BIN / "ray", "start", "--head", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
+                    "--num-cpus", str(max(8, os.cpu_count() or 1)), "--include-dashboard", "false",
+                    "--system-config", json.dumps({"metrics_report_interval_ms": METRICS_REPORT_INTERVAL_MS})],
+                   cwd=ROOT, check=True, capture_output=True, env=env, timeout=300)
     rows: list[dict] = []
     try:
         for i in range(args.band_runs):  # the band: fresh direct runs, as the suite records one
@@ -119,8 +125,8 @@ def main() -> int:
                     if row["round"] == r and row["slowdown"] == level:
                         row["stats"] = stats
     finally:
-        subprocess.run(["serve", "shutdown", "-y"], cwd=ROOT, capture_output=True, timeout=300)
-        subprocess.run(["ray", "stop", "--force"], cwd=ROOT, capture_output=True, timeout=300)
+        subprocess.run([BIN / "serve", "shutdown", "-y"], cwd=ROOT, capture_output=True, timeout=300)
+        subprocess.run([BIN / "ray", "stop", "--force"], cwd=ROOT, capture_output=True, timeout=300)
 
     def median(xs: list[float]) -> float | None:
         xs = sorted(xs)

@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import signal
 import sys
 import time
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from pdperf.backends.base import Deployment, Endpoint
+from pdperf.gate.store import INJECTED_FLAG
 from pdperf.loadgen.stub_server import StubServerProcess
 
 DELAYED = ("/v1/completions", "/v1/chat/completions")
@@ -147,9 +151,43 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.slowdown < 0:
         ap.error(f"--slowdown {args.slowdown}: must be >= 0 (0.2 = 20% slower)")
-    asyncio.run(_serve_forever(args.upstream, args.slowdown))
+    try:  # the proxy's own cost adds to every injected slowdown: the faster loop where there is one
+        import uvloop
+
+        uvloop.run(_serve_forever(args.upstream, args.slowdown))
+    except ImportError:
+        asyncio.run(_serve_forever(args.upstream, args.slowdown))
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+class SlowedDeployment(Deployment):
+    """A backend's deployment, served to the suite through the slowdown proxy: every endpoint the
+    session hands out (smoke, sweeps, network) is slowed alike, and says so in ``details``."""
+
+    def __init__(self, inner: Deployment, slowdown: float) -> None:
+        self.inner = inner
+        self.slowdown = slowdown
+        self.backend = inner.backend
+        self._proxy: SlowdownProxyProcess | None = None
+
+    def launch(self) -> None:
+        self.inner.launch()
+
+    def wait_ready(self, timeout_s: float) -> Endpoint:
+        ep = self.inner.wait_ready(timeout_s)
+        self._proxy = SlowdownProxyProcess(ep.base_url, self.slowdown)
+        url = self._proxy.__enter__()
+        return dataclasses.replace(ep, base_url=url, details={**ep.details, INJECTED_FLAG: self.slowdown})
+
+    def stop(self, *, evict: bool = False) -> None:
+        if self._proxy is not None:
+            self._proxy.close()
+            self._proxy = None
+        self.inner.stop(evict=evict)
+
+    def __getattr__(self, name: str) -> Any:  # log_tail, engine_output...: the real deployment's
+        return getattr(self.inner, name)

@@ -92,7 +92,12 @@ class SessionRuntime:
 
     # -- deployments -------------------------------------------------------------------------------
     def deployment_for(self, t: Topology, log_dir: Path) -> Deployment:
-        return make_deployment(self.backend_options, t, log_dir=log_dir, cluster=self.cluster, ledger=self.ledger)
+        d = make_deployment(self.backend_options, t, log_dir=log_dir, cluster=self.cluster, ledger=self.ledger)
+        if self.options.inject_slowdown is not None:  # --inject-slowdown: the same server, slowed (pdperf.inject)
+            from pdperf.inject import SlowedDeployment
+
+            d = SlowedDeployment(d, self.options.inject_slowdown)
+        return d
 
     def start_pool(self, log_dir: Path, planned: list[Topology]) -> DeploymentPool:
         """The session's deployment pool (connect first); ``planned`` topologies start side by side
