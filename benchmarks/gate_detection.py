@@ -70,6 +70,21 @@ def point_stats(run_dir: Path) -> dict[str, dict[str, float | None]]:
             for f in sorted((run_dir / "points").glob("*.json"))}
 
 
+def reap(pids: set[int], timeout_s: float = 30.0) -> None:
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+            procs[-1].terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for p in alive:
+        p.kill()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--topology", default="cpu-colloc-1xtp1")
@@ -88,7 +103,9 @@ def main() -> int:
     baselines.mkdir(parents=True)
     shutil.copy(ROOT / "baselines" / "thresholds.yaml", baselines / "thresholds.yaml")
     env = dict(os.environ)
-    from pdperf.backends.ray_serve import METRICS_REPORT_INTERVAL_MS
+    from pdperf.backends.ray_serve import METRICS_REPORT_INTERVAL_MS, _engine_pids
+
+    engines_before = _engine_pids()
 
     # a head like the suite's own local one (loopback, 8 logical CPUs, its metrics export interval)
     subprocess.run([BIN / "ray", "start", "--head", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
@@ -127,6 +144,9 @@ def main() -> int:
     finally:
         subprocess.run([BIN / "serve", "shutdown", "-y"], cwd=ROOT, capture_output=True, timeout=300)
         subprocess.run([BIN / "ray", "stop", "--force"], cwd=ROOT, capture_output=True, timeout=300)
+        # vLLM engine processes outlive `ray stop` (re-parented to init, still polling): they would
+        # be part of the next measurement on this machine
+        reap(_engine_pids() - engines_before)
 
     def median(xs: list[float]) -> float | None:
         xs = sorted(xs)

@@ -95,8 +95,14 @@ def cmd_query(args: argparse.Namespace) -> int:
     if not model:
         import urllib.request
 
-        with urllib.request.urlopen(args.url.rstrip("/") + "/v1/models", timeout=30) as resp:
-            model = json.load(resp)["data"][0]["id"]
+        url = args.url.rstrip("/") + "/v1/models"
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            raw = resp.read()
+        try:
+            model = json.loads(raw)["data"][0]["id"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise PdperfError(f"{url}: not an OpenAI model list ({raw[:80]!r}...): is {args.url} the server's base URL? "
+                              "Pass the served model with --model if it has no /v1/models") from None
     rec, text = single_request(args.url.rstrip("/"), model, args.prompt, args.max_tokens, api=args.api)
     if rec.error:
         raise PdperfError(f"{args.url}: request failed: {rec.error}: {rec.error_detail}")
@@ -212,9 +218,18 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pdperf.report import build_report
+    from pdperf.report import build_report, load_run
 
-    print(build_report(Path(args.run_dir)))
+    run_dir = Path(args.run_dir)
+    point_files = sorted((run_dir / "points").glob("*.json")) if run_dir.is_dir() else []
+    if run_dir.is_dir() and not point_files and not (run_dir / "verdicts.json").exists():
+        # nothing to report: write nothing into a folder that is not a run's
+        raise PdperfError(f"{run_dir}: no points/*.json and no verdicts.json: not a pdperf run folder; pass "
+                          "reports/<run-id> (or the --run-dir a run wrote)")
+    if point_files and not load_run(run_dir).points:
+        problems = "; ".join(load_run(run_dir).problems[:3])
+        raise PdperfError(f"{run_dir}: none of its {len(point_files)} point files loads ({problems}); no report written")
+    print(build_report(run_dir))
     return 0
 
 
@@ -326,8 +341,8 @@ def cmd_baseline_migrate(args: argparse.Namespace) -> int:
     if not files:
         raise PdperfError(f"{', '.join(args.paths)}: no baseline files (<hardware_id>/<topology>/<workload>.json)")
     for f in files:
-        before = json.loads(f.read_text()).get("schema_version") if f.exists() else None
         b = load_baseline_file(f)  # validates (schema 1 through the migration); raises naming the file
+        before = json.loads(f.read_text()).get("schema_version")  # readable JSON: it loaded
         if before != b.data.schema_version:
             write_baseline_file(f, b.data)
         print(f"{f}: schema {before} -> {b.data.schema_version}" if before != b.data.schema_version

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import signal
 import sys
 import time
 from typing import Any
@@ -31,7 +30,7 @@ from aiohttp import web
 
 from pdperf.backends.base import Deployment, Endpoint
 from pdperf.gate.store import INJECTED_FLAG
-from pdperf.loadgen.stub_server import StubServerProcess
+from pdperf.loadgen.stub_server import StubServerProcess, announce_until_signalled, serve_app
 
 DELAYED = ("/v1/completions", "/v1/chat/completions")
 HEALTH_PATH = "/pdperf-inject/health"
@@ -58,12 +57,7 @@ class SlowdownProxy:
         app = web.Application(client_max_size=64 * 2**20)
         app.router.add_get(HEALTH_PATH, self._health)  # its own: the upstream's health path varies
         app.router.add_route("*", "/{tail:.*}", self._forward)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, 0, backlog=4096)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://{self.host}:{port}"
+        self._runner, self.url = await serve_app(app, self.host)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -133,13 +127,7 @@ class SlowdownProxyProcess(StubServerProcess):
 
 
 async def _serve_forever(upstream: str, slowdown: float) -> None:
-    async with SlowdownProxy(upstream, slowdown) as proxy:
-        print(f"STUB_URL {proxy.url}", flush=True)  # the announcement StubServerProcess waits for
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+    await announce_until_signalled(SlowdownProxy(upstream, slowdown))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,13 +111,7 @@ class StubOpenAIServer:
         app.router.add_get("/stub/stats", self._stats)
         app.router.add_post("/stub/reset", self._reset)
         app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True,
-                                     shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, 0, backlog=4096)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://{self.host}:{port}"
+        self._runner, self.url = await serve_app(app, self.host)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -423,14 +417,31 @@ class StubServerProcess:
         self.close()
 
 
-async def _serve_forever(behavior: StubBehavior) -> None:
-    async with StubOpenAIServer(behavior) as stub:
-        print(f"STUB_URL {stub.url}", flush=True)
+async def serve_app(app: web.Application, host: str) -> tuple[web.AppRunner, str]:
+    """``app`` listening on a free port of ``host``: its runner (cleanup() stops it) and its URL."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True,
+                           shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, 0, backlog=4096)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://{host}:{port}"
+
+
+async def announce_until_signalled(server: Any) -> None:
+    """In a server process: enter ``server`` (an async context manager with a ``url``), print the
+    line StubServerProcess waits for, and serve until SIGTERM or SIGINT."""
+    async with server as s:
+        print(f"STUB_URL {s.url}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+
+
+async def _serve_forever(behavior: StubBehavior) -> None:
+    await announce_until_signalled(StubOpenAIServer(behavior))
 
 
 def main(argv: list[str] | None = None) -> int:

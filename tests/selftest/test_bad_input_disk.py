@@ -270,9 +270,6 @@ def test_disk_full_to_the_end_keeps_the_saved_points(disk_full_to_the_end):
     assert stat.S_ISREG((disk_full_to_the_end.run_dir / "filler").stat().st_mode)  # still full at the end
 
 
-@pytest.mark.xfail(strict=True, reason="fixtures/reporting.py:pytest_sessionfinish writes verdicts.json and run.json "
-                                       "unguarded (and pytest's junitxml and pytest-html write theirs after): on a "
-                                       "full disk the session ends in a traceback")
 def test_disk_full_to_the_end_says_so_once(disk_full_to_the_end):
     run = disk_full_to_the_end
     assert "Traceback" not in run.output and "INTERNALERROR" not in run.output, run.output

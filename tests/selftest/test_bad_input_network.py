@@ -106,9 +106,6 @@ def test_query_unreachable_url_with_model(refused_url):
     assert "Cannot connect to host" in line
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="pdperf/cli.py:cmd_query json.load()s the /v1/models answer unguarded: an HTML page is a "
-                          "JSONDecodeError traceback")
 def test_query_url_answering_html(html_url):
     code, out, err = cli("query", html_url)
     assert code == 2, out + err

@@ -7,9 +7,6 @@ given baselines of other hardware, a corrupt one and one of a newer schema. What
 exit status 2 and one line naming the file and the fix, or, for two runs of different hardware,
 the gate's "incomparable" naming both. ``pdperf`` runs in this process (an exception escaping
 ``main`` is the traceback a user would see, and fails the test as it is).
-
-Cases marked xfail (strict) are today's behaviour that still needs a fix outside the files of the
-change that wrote them; the reason names the function. docs/RELIABILITY.md lists them all.
 """
 
 from __future__ import annotations
@@ -128,19 +125,14 @@ def _snapshot(root: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
-# -- today's tracebacks and silent successes (fixes described in docs/RELIABILITY.md) ---------------
+# -- what once was a traceback or a silent success ------------------------------------------------
 
-@pytest.mark.xfail(strict=True, raises=json.JSONDecodeError,
-                   reason="pdperf/cli.py:cmd_baseline_migrate reads schema_version with json.loads before "
-                          "load_baseline_file validates the file: a truncated file is a JSONDecodeError traceback")
 def test_baseline_migrate_truncated(files):
     code, out, err = cli("baseline", "migrate", str(files["truncated"]))
     assert code == 2
     assert f"{files['truncated']}: not valid JSON" in the_line(err)
 
 
-@pytest.mark.xfail(strict=True, reason="pdperf/cli.py:cmd_report (pdperf.report.build_report) writes an empty "
-                                       "report into any folder and exits 0")
 def test_report_folder_without_points(files):
     code, out, err = cli("report", str(files["empty"]))
     assert code == 2, out + err
@@ -148,8 +140,6 @@ def test_report_folder_without_points(files):
     assert not any(files["empty"].iterdir())  # no summary.html, no results.csv left in the user's folder
 
 
-@pytest.mark.xfail(strict=True, reason="pdperf/cli.py:cmd_report (pdperf.report.build_report) lists unreadable "
-                                       "point files in the HTML's 'Needs attention' box only and exits 0")
 def test_report_folder_whose_points_are_not_points(files):
     code, out, err = cli("report", str(files["junk-run"]))
     assert code == 2, out + err
