@@ -13,9 +13,10 @@ from pathlib import Path
 
 from pdperf.errors import PdperfError
 from pdperf.gate.mde import REPORT_GATES, Mde, result_mdes
-from pdperf.gate.thresholds import Thresholds, load_thresholds
+from pdperf.gate.thresholds import BASELINE_ROOT, Thresholds, load_thresholds
 from pdperf.report.export import write_results_csv
 from pdperf.report.html import render_document, render_fragment
+from pdperf.report.planner import PlannerSection, planner_comparisons
 from pdperf.report.rundata import ReportError, RunData, load_run
 from pdperf.results import atomic_write_text
 
@@ -29,6 +30,11 @@ def build_report(run_dir: Path, *, baselines_dir: Path | None = None, thresholds
     ``thresholds.yaml``): the baseline-gate section then says what each gated point's gate can
     detect (pdperf.gate.mde); without them it does not.
 
+    PD points are set against the planner's predictions from the profile of their hardware and
+    model, ``<baselines_dir>/profiles/<hardware_id>/<model>.json`` (without ``baselines_dir``:
+    the committed store, ``baselines/profiles``), or the report says that there is none and how
+    to make one.
+
     Raises ReportError only when ``run_dir`` is not a folder; unreadable or missing parts
     are listed in the report's "Needs attention" box instead.
     """
@@ -36,7 +42,8 @@ def build_report(run_dir: Path, *, baselines_dir: Path | None = None, thresholds
     csv_path = write_results_csv(run.points, run.run_dir / "results.csv", run_id=run.run_id)
     html_path = run.run_dir / "summary.html"
     gate_mdes = _gate_mdes(run, Path(baselines_dir), thresholds) if baselines_dir is not None else None
-    atomic_write_text(html_path, render_document(run, gate_mdes=gate_mdes))
+    planner = _planner(run, Path(baselines_dir) if baselines_dir is not None else BASELINE_ROOT)
+    atomic_write_text(html_path, render_document(run, gate_mdes=gate_mdes, planner=planner))
     for path in (csv_path, html_path):
         _shareable(path)
     return html_path
@@ -71,6 +78,16 @@ def _gate_mdes(run: RunData, baselines_dir: Path, thresholds: Thresholds | None)
     return out
 
 
+def _planner(run: RunData, baselines_dir: Path) -> PlannerSection | None:
+    """The PD points against the planner's predictions (pdperf.report.planner); None without PD points.
+    A failure the planner did not foresee is listed among the report's problems, not raised."""
+    try:
+        return planner_comparisons(run.points, profiles_dir=baselines_dir / "profiles", run_dir=run.run_dir)
+    except (PdperfError, ValueError, ArithmeticError) as e:
+        run.problems.append(f"predicted vs measured (planner) not computed: {e}")
+        return None
+
+
 def _shareable(path: Path) -> None:
     """Reports are shared (CI artifacts, web servers): the temp file behind an atomic write is 0600."""
     umask = os.umask(0)
@@ -78,6 +95,9 @@ def _shareable(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def summary_fragment(run_dir: Path) -> str:
-    """The report without the ``<html>`` wrapper (tables and plots, CSS scoped), for pytest-html."""
-    return render_fragment(load_run(Path(run_dir)))
+def summary_fragment(run_dir: Path, *, baselines_dir: Path | None = None) -> str:
+    """The report without the ``<html>`` wrapper (tables and plots, CSS scoped), for pytest-html;
+    PD points against the planner as in :func:`build_report` (no MDE table: it simulates)."""
+    run = load_run(Path(run_dir))
+    return render_fragment(run, planner=_planner(run, Path(baselines_dir) if baselines_dir is not None
+                                                 else BASELINE_ROOT))

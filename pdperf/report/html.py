@@ -5,7 +5,8 @@ opens offline from its folder and survives being attached to a ticket. It leads 
 what needs attention (failed tests, regressions, flagged points such as replica restarts,
 failed requests, p99s computed from too few requests, identical points under two names),
 then the run's environment, the verdicts with the reason for every skip, the numbers per
-topology, the plots, and PD against collocated at equal GPU count. The same content,
+topology, the plots, PD against collocated at equal GPU count, and each PD point against the
+planner's prediction (pdperf.report.planner). The same content,
 without the ``<html>`` wrapper, is :func:`summary_fragment` for the pytest-html report.
 """
 
@@ -22,6 +23,7 @@ from pdperf import __version__, metrics
 from pdperf.gate.mde import LITTLE_NOTE, POWER, TARGET_CHANGE, Mde, mde_warnings
 from pdperf.gate.verdicts import GateResult
 from pdperf.network import kv_path_summary
+from pdperf.report.planner import PlannerSection, PredictedPoint, ProfileGroup
 from pdperf.report.plots import (
     LegendItem,
     RatioRow,
@@ -837,12 +839,102 @@ def _mde_table(run: RunData, gate_mdes: dict[str, list[Mde]] | None) -> str:
             f"<th>cannot catch {TARGET_CHANGE * 100:.0f}%</th></tr>{''.join(rows)}</table></div>")
 
 
+#: The planner's metrics as the report's table shows them: (metric, heading).
+PLANNER_COLUMNS = (("med_ttft_ms", "TTFT p50 ms"), ("p99_ttft_ms", "TTFT p99 ms"), ("med_tpot_ms", "TPOT p50 ms"),
+                   ("out_tok_s", "out tok/s"))
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:+.1f}%"
+
+
+def _predicted_cells(row: PredictedPoint, metric: str) -> str:
+    """predicted [interval], measured, error; the error is red when the measurement is outside the interval."""
+    cmp = row.comparison
+    assert cmp is not None
+    pred = cmp.predicted.prediction.metric(metric)
+    iv = cmp.predicted.interval(metric)
+    meas = cmp.measured.value(metric)
+    err = cmp.error_pct(metric)
+    within = cmp.within_interval(metric)
+    interval = (f' <span class="note">[{escape(format_value(iv.lo))}–{escape(format_value(iv.hi))}]</span>'
+                if math.isfinite(iv.lo) and math.isfinite(iv.hi) and iv.hi > iv.lo else "")
+    cls = " lose" if within is False else ""
+    title = ("measured outside the interval" if within is False else
+             "measured inside the interval" if within else "no measured value")
+    return (f'<td class="num">{escape(format_value(pred))}{interval}</td>{_num(meas)}'
+            f'<td class="num{cls}" title="{escape(title)}">{escape(_pct(err))}</td>')
+
+
+def _planner_group(group: ProfileGroup, section: PlannerSection) -> str:
+    who = f"{group.hardware_id or 'unknown hardware'} / {group.model or 'unknown model'}"
+    if group.profile is None:
+        make = ""
+        if group.calibratable:
+            make = (" Make one from GPU runs of this hardware and model: "
+                    f"<code>{escape(section.calibrate_command(group))}</code> (docs/PLANNER.md); predictions for "
+                    "the configurations it was fitted from are in-sample.")
+        looked = f" (looked for <code>{escape(str(group.path))}</code>)" if group.path is not None else ""
+        return (f'<p class="pdperf-nodata"><strong>{escape(who)}</strong>: {escape(group.problem or "no profile")}'
+                f"{looked}.{make}</p>")
+    prof = group.profile
+    cal = prof.calibration
+    about = f"profile <code>{escape(str(group.path))}</code>"
+    if cal is not None:
+        loco = ", ".join(f"{label.removesuffix(' ms')} {q.leave_one_config_out_mdape:.0f}%"
+                         for metric, label in PLANNER_COLUMNS
+                         for q in (cal.quality.get(metric),)
+                         if q is not None and q.leave_one_config_out_mdape is not None)
+        about += (f": fitted to {cal.points} points of {escape(', '.join(cal.configs))}"
+                  + (f" ({escape(prof.created_at)})" if prof.created_at else "")
+                  + (f"; its leave-one-config-out error (median): {escape(loco)}" if loco else ""))
+    medians = [(label, group.median_abs_error_pct(metric)) for metric, label in PLANNER_COLUMNS]
+    shown = [f"{label.removesuffix(' ms')} {v:.1f}%" for label, v in medians if v is not None]
+    predicted = sum(1 for r in group.points if r.comparison is not None)
+    median_text = (f" Median |error| on this run's {_plural(predicted, 'predicted PD point')}: "
+                   f"{escape(', '.join(shown))}." if shown else "")
+    rows = []
+    for row in group.points:
+        if row.comparison is None:
+            rows.append(f'<tr><td class="id">{escape(row.point_id)}</td>'
+                        f'<td colspan="{3 * len(PLANNER_COLUMNS) + 2}" class="note">{escape(row.problem or "")}'
+                        "</td></tr>")
+            continue
+        cells = "".join(_predicted_cells(row, metric) for metric, _ in PLANNER_COLUMNS)
+        notes = list(row.comparison.predicted.extrapolations)
+        if row.in_calibration:
+            notes.insert(0, "in calibration (in-sample)")
+        rows.append(f'<tr><td class="id">{escape(row.point_id)}</td>{cells}'
+                    f"<td>{escape(row.comparison.predicted.prediction.bottleneck)}</td>"
+                    f'<td class="note">{escape("; ".join(notes))}</td></tr>')
+    head1 = "".join(f"<th colspan=3>{escape(label)}</th>" for _, label in PLANNER_COLUMNS)
+    head2 = "<th>predicted [interval]</th><th>measured</th><th>error</th>" * len(PLANNER_COLUMNS)
+    return (f"<h3>{escape(who)}</h3><p class=\"note\">{about}.{median_text}</p>"
+            f'<div class="scroll"><table><tr><th rowspan=2>point</th>{head1}<th rowspan=2>bottleneck</th>'
+            f"<th rowspan=2>notes</th></tr><tr>{head2}</tr>{''.join(rows)}</table></div>")
+
+
+def _predicted_vs_measured(section: PlannerSection | None) -> str:
+    """Each PD point beside the planner's prediction from its hardware and model's profile."""
+    if section is None:
+        return ""
+    head = "<h2>Predicted vs measured (planner)</h2>"
+    if any(g.profile is not None for g in section.groups):
+        head += ("<p class=\"note\">Each PD point against the planner's prediction from the profile of its "
+                 "hardware and model (docs/PLANNER.md). Error = predicted / measured − 1; the interval is the "
+                 f"profile's {section.level:.0%} interval, and an error in red means the measurement fell outside "
+                 "it.</p>")
+    return head + "".join(_planner_group(g, section) for g in section.groups)
+
+
 # --------------------------------------------------------------------------- entry points
 
 
-def render_fragment(run: RunData, *, gate_mdes: dict[str, list[Mde]] | None = None) -> str:
+def render_fragment(run: RunData, *, gate_mdes: dict[str, list[Mde]] | None = None,
+                    planner: PlannerSection | None = None) -> str:
     """The report body (no ``<html>`` wrapper), scoped under ``div.pdperf-report`` with its own CSS;
-    ``gate_mdes``: per gated point, what its gate can detect (pdperf.report.build_report)."""
+    ``gate_mdes``: per gated point, what its gate can detect; ``planner``: the PD points against the
+    planner's predictions (both from pdperf.report.build_report)."""
     summaries = {p.id: point_summary(p) for p in run.points}
     sections = [
         _header(run, summaries),
@@ -851,6 +943,7 @@ def render_fragment(run: RunData, *, gate_mdes: dict[str, list[Mde]] | None = No
         _topology_tables(run, summaries),
         _plots(run, summaries),
         _pd_vs_collocated(run, summaries),
+        _predicted_vs_measured(planner),
         _baseline_section(run, gate_mdes),
         _startups(run),
         _environment(run),
@@ -860,12 +953,13 @@ def render_fragment(run: RunData, *, gate_mdes: dict[str, list[Mde]] | None = No
     return f'<div class="pdperf-report"><style>{CSS}</style>{"".join(sections)}</div>'
 
 
-def render_document(run: RunData, *, gate_mdes: dict[str, list[Mde]] | None = None) -> str:
+def render_document(run: RunData, *, gate_mdes: dict[str, list[Mde]] | None = None,
+                    planner: PlannerSection | None = None) -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>pdperf run {escape(run.run_id)}</title>"
             "<style>body { margin: 0 auto; max-width: 1260px; padding: 8px 12px 40px; background: #fff; }</style>"
-            f"</head><body>{render_fragment(run, gate_mdes=gate_mdes)}</body></html>\n")
+            f"</head><body>{render_fragment(run, gate_mdes=gate_mdes, planner=planner)}</body></html>\n")
 
 
 
