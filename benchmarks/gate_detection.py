@@ -95,7 +95,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--keep", type=Path, default=None, help="keep every run folder here")
     args = ap.parse_args()
-    levels = [float(x) for x in args.levels.split(",")]
+    levels = [float(x) for x in args.levels.split(",")]  # "0,0.1,0,0.2": unchanged runs twice per round
 
     work = Path(tempfile.mkdtemp(prefix="pdperf-gate-detection-"))
     keep = args.keep or work / "runs"
@@ -120,8 +120,8 @@ def main() -> int:
             print(json.dumps({"band_run": i, "rc": run["rc"], "wall_s": run["wall_s"]}), flush=True)
         for r in range(args.rounds):
             order = levels[r % len(levels):] + levels[:r % len(levels)]
-            for level in order:
-                run_dir = keep / f"round{r:02d}-s{level:g}"
+            for j, level in enumerate(order):  # a level may repeat (more unchanged runs per round)
+                run_dir = keep / f"round{r:02d}-{j}-s{level:g}"
                 # unchanged code runs direct, exactly as users run it; a regression goes through the proxy,
                 # whose own cost adds to it: the client/engine TPOT ratio says how large it really was
                 run = pytest_run(args, run_dir, baselines, ["--inject-slowdown", f"{level:g}"] if level else [])
@@ -129,7 +129,7 @@ def main() -> int:
                     gate = v.get("gate") or {}
                     if not v.get("points"):
                         continue
-                    row = {"round": r, "slowdown": level, "test_id": v["test_id"], "outcome": v["outcome"],
+                    row = {"round": r, "slot": j, "slowdown": level, "test_id": v["test_id"], "outcome": v["outcome"],
                            "status": gate.get("status"), "regressed_metrics": [
                                f"{m['metric']}:{m['statistic']}" for m in gate.get("verdicts", [])
                                if m.get("verdict") == "regressed"],
@@ -139,7 +139,7 @@ def main() -> int:
                     print(json.dumps(row), flush=True)
                 stats = point_stats(run_dir)
                 for row in rows:
-                    if row["round"] == r and row["slowdown"] == level:
+                    if row["round"] == r and row.get("slot") == j:
                         row["stats"] = stats
     finally:
         subprocess.run([BIN / "serve", "shutdown", "-y"], cwd=ROOT, capture_output=True, timeout=300)
@@ -153,13 +153,13 @@ def main() -> int:
         return xs[len(xs) // 2] if xs else None
 
     def level_stat(level: float, stat: str) -> dict[str, float | None]:
-        runs = {}  # (round, point) -> value: each run's points once
+        runs = {}  # (round, slot, point) -> value: each run's points once
         for x in rows:
             if x["slowdown"] == level:
                 for pid, st in (x.get("stats") or {}).items():
-                    runs[(x["round"], pid)] = st[stat]
-        return {pid: median([v for (_, p), v in runs.items() if p == pid and v is not None])
-                for pid in sorted({p for _, p in runs})}
+                    runs[(x["round"], x["slot"], pid)] = st[stat]
+        return {pid: median([v for (_, _, p), v in runs.items() if p == pid and v is not None])
+                for pid in sorted({p for _, _, p in runs})}
 
     base = {stat: level_stat(0.0, stat) for stat in ("ttft_p50_ms", "tpot_p50_ms")}
     summary = []
