@@ -204,18 +204,20 @@ def make_plan(options: SessionOptions, specs: SpecSet, nodes: list[NodeInfo] | t
     return SessionPlan(options=options, specs=specs, nodes=nodes, device=resolve_device(options.device, nodes))
 
 
-def grouped_order(keys: list[tuple[str, str] | None]) -> list[int]:
+def grouped_order(keys: list[tuple[str, str] | None], last: frozenset[int] = frozenset()) -> list[int]:
     """The order to run tests in, given each one's (deployment group, topology), None for a test that
     uses no deployment: every group's tests together, and within a group each topology's, in the
-    order they first appear; a test without a key keeps its place among the groups' first tests.
-    Interleaved topologies (pytest orders smoke tests by function, then parameter) would make the
-    pool tear down and redeploy whenever they do not all fit at once, minutes each on GPUs."""
+    order they first appear, those in ``last`` after the rest of their topology's (a test that may
+    evict its own topology, e.g. the greedy check's reference on one GPU); a test without a key keeps
+    its place among the groups' first tests. Interleaved topologies (pytest orders smoke tests by
+    function, then parameter) would make the pool tear down and redeploy whenever they do not all
+    fit at once, minutes each on GPUs."""
     first_group: dict[str, int] = {}
     first_topo: dict[tuple[str, str], int] = {}
     sort_keys = []
     for i, k in enumerate(keys):
         if k is None:
-            sort_keys.append((i, i, i))
+            sort_keys.append((i, i, 0, i))
         else:
-            sort_keys.append((first_group.setdefault(k[0], i), first_topo.setdefault(k, i), i))
+            sort_keys.append((first_group.setdefault(k[0], i), first_topo.setdefault(k, i), int(i in last), i))
     return sorted(range(len(keys)), key=lambda i: sort_keys[i])

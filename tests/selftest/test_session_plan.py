@@ -281,6 +281,8 @@ def test_grouped_order_runs_each_deployment_groups_tests_together():
     keys = [c2, pd, None, ref, c2, pd, ref, c2]
     assert grouped_order(keys) == [0, 4, 7, 1, 5, 3, 6, 2]  # c2's tests; then the PD group: PD's, its reference's
     assert grouped_order([None, None]) == [0, 1] and grouped_order([]) == []
+    # a test that may evict its own topology runs after that topology's other tests, still in its group
+    assert grouped_order(keys, frozenset({4})) == [0, 7, 4, 1, 5, 3, 6, 2]
 
 
 # -- external backend --------------------------------------------------------------------------

@@ -45,40 +45,6 @@ def test_stream_exact_length(endpoint, api, record_property):
     record_property("tpot_ms", round(tpot_ms(rec), 2))
 
 
-@pytest.mark.topology_kind("pd")
-def test_pd_greedy_matches_collocated(endpoint, reference_endpoint, record_property):
-    """PD's greedy token ids equal the collocated engine's (pdperf.greedy says why ids, why these
-    prompts, and what a near tie is). Passes when no prompt differs and at least two prompts
-    matched with different ids; skipped as inconclusive when the matches cannot show a wrong
-    handoff (every prompt answered alike, or near ties decided the rest)."""
-    matched, near_ties = {}, []
-    for prompt in GREEDY_PROMPTS:
-        try:
-            pd = greedy_tokens(endpoint.base_url, endpoint.model_id, prompt, 24)
-            ref = greedy_tokens(reference_endpoint.base_url, reference_endpoint.model_id, prompt, 24)
-        except RuntimeError as e:
-            pytest.fail(f"greedy check, prompt {prompt!r}: {e}", pytrace=False)
-        verdict = compare_greedy(pd, ref)
-        assert verdict.status != "differs", (
-            f"greedy output differs between {endpoint.name} (PD) and {reference_endpoint.name} (collocated) for "
-            f"prompt {prompt!r}: the KV handoff is wrong; {verdict.message}")
-        if verdict.status == "near_tie":
-            near_ties.append(f"{prompt!r}: {verdict.message}")
-        else:
-            matched[prompt] = ref
-    record_property("greedy_token_ids", json.dumps([m.ids for m in matched.values()]))
-    known = [x for m in matched.values() for x in m.margins if x is not None]
-    if known:
-        record_property("greedy_min_margin_nats", round(min(known), 4))
-    if len({tuple(m.ids) for m in matched.values()}) < 2:
-        pytest.skip(f"inconclusive: no prompt's ids differ between PD and collocated, but "
-                    f"{len(matched)} of {len(GREEDY_PROMPTS)} prompts (different contexts, same ending "
-                    f"{GREEDY_SUFFIX!r}) matched with fewer than two distinct answers"
-                    + (f"; near ties: {'; '.join(near_ties)}" if near_ties else "")
-                    + ": the model's output does not show its context, so a wrong KV handoff would match too "
-                    "(use the project's built model or real weights)")
-
-
 def test_small_load_point(endpoint, smoke_workload, measure):
     result = measure(endpoint, smoke_workload, smoke_workload.sweep.points[0])
     s = result.summary
@@ -144,3 +110,49 @@ def test_gate_measures_a_regression_again(endpoint, smoke_workload, measure, thr
         worst = v.band_high
         assert (v.verdict == "regressed") == (v.current_value / worst > 1 + v.threshold), v.message()
         assert "of the worst run" in v.message()
+
+
+@pytest.mark.topology_kind("pd")
+@pytest.mark.last_in_topology
+def test_pd_greedy_matches_collocated(endpoint, reference_endpoint, record_property):
+    """PD's greedy token ids equal the collocated engine's (pdperf.greedy says why ids, why these
+    prompts, and what a near tie is). Passes when no prompt differs and at least two prompts
+    matched with different ids; skipped as inconclusive when the matches cannot show a wrong
+    handoff (every prompt answered alike, or near ties decided the rest). PD answers every prompt
+    before the reference is asked: where the two cannot be up together (one GPU), the reference's
+    deployment then evicts PD (so this test runs after its topology's others)."""
+    ref_endpoint = reference_endpoint.endpoint() if reference_endpoint.together else None
+    answers = {}
+    for prompt in GREEDY_PROMPTS:
+        try:
+            answers[prompt] = greedy_tokens(endpoint.base_url, endpoint.model_id, prompt, 24)
+        except RuntimeError as e:
+            pytest.fail(f"greedy check, prompt {prompt!r} through {endpoint.name}: {e}", pytrace=False)
+    ref_endpoint = ref_endpoint or reference_endpoint.endpoint()
+    record_property("greedy_reference", f"{ref_endpoint.name}, "
+                    + ("up beside PD" if reference_endpoint.together else "deployed after PD (one at a time)"))
+    matched, near_ties = {}, []
+    for prompt, pd in answers.items():
+        try:
+            ref = greedy_tokens(ref_endpoint.base_url, ref_endpoint.model_id, prompt, 24)
+        except RuntimeError as e:
+            pytest.fail(f"greedy check, prompt {prompt!r} through {ref_endpoint.name}: {e}", pytrace=False)
+        verdict = compare_greedy(pd, ref)
+        assert verdict.status != "differs", (
+            f"greedy output differs between {endpoint.name} (PD) and {ref_endpoint.name} (collocated) for "
+            f"prompt {prompt!r}: the KV handoff is wrong; {verdict.message}")
+        if verdict.status == "near_tie":
+            near_ties.append(f"{prompt!r}: {verdict.message}")
+        else:
+            matched[prompt] = ref
+    record_property("greedy_token_ids", json.dumps([m.ids for m in matched.values()]))
+    known = [x for m in matched.values() for x in m.margins if x is not None]
+    if known:
+        record_property("greedy_min_margin_nats", round(min(known), 4))
+    if len({tuple(m.ids) for m in matched.values()}) < 2:
+        pytest.skip(f"inconclusive: no prompt's ids differ between PD and collocated, but "
+                    f"{len(matched)} of {len(GREEDY_PROMPTS)} prompts (different contexts, same ending "
+                    f"{GREEDY_SUFFIX!r}) matched with fewer than two distinct answers"
+                    + (f"; near ties: {'; '.join(near_ties)}" if near_ties else "")
+                    + ": the model's output does not show its context, so a wrong KV handoff would match too "
+                    "(use the project's built model or real weights)")

@@ -9,6 +9,8 @@
 #                                    request options one at a time on "short", then on "padded"; then the
 #                                    standing side-by-side (this client vs vllm bench serve) on "padded".
 #   tools/gpu-testmachines/fidelity-session.sh more     more standing rounds on the kept "padded" server (c1/c16/c64), then both stop
+#   tools/gpu-testmachines/fidelity-session.sh standing one "padded" server alone, the standing side-by-side at c1/c16/c64 with
+#                                    and without the client's /metrics sampling (pdperf, pdperf_nosample, bench), then it stops
 #   tools/gpu-testmachines/fidelity-session.sh record   the suite: colloc-1xtp1 through plain vLLM (--backend vllm) and through
 #                                    Ray Serve LLM, sweep recorded as this GPU's baselines
 #   tools/gpu-testmachines/fidelity-session.sh rerun    the same two on fresh deployments, gated against those baselines
@@ -18,7 +20,7 @@
 #   PY=.venv/bin/python OUT=/tmp/o STATE=/tmp/s tools/gpu-testmachines/fidelity-session.sh servers
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-step=${1:?usage: tools/gpu-testmachines/fidelity-session.sh servers|more|record|rerun}
+step=${1:?usage: tools/gpu-testmachines/fidelity-session.sh servers|standing|more|record|rerun}
 PY=${PY:-python3}
 VLLM=$(dirname "$(command -v "$PY")")/vllm
 STATE=${STATE:-/tmp/pdperf-fidelity}
@@ -134,6 +136,17 @@ servers)
     --variants pdperf_t0,bench_t0,pdperf,bench
   sbs padded standing-1 --concurrency 1 16 64 --requests-per-concurrency 4 --min-requests 16 --rounds 3 \
     --warmup-requests 0 --variants pdperf,bench
+  ;;
+standing)
+  "$PY" -m pdperf.models "$MODEL" >/dev/null || exit 1
+  "$PY" benchmarks/side_by_side.py --model "$MODEL" "${VOCAB_ARGS[@]}" --prepare "$STATE/models" >"$STATE/models.txt" || exit 1
+  stop_servers
+  start_server padded "$(sed -n 2p "$STATE/models.txt")"
+  await_servers padded 2>&1 | tee -a "$OUT/fidelity.log" || { engine_facts; stop_servers; exit 1; }
+  engine_facts
+  sbs padded standing-3 --concurrency 1 16 64 --requests-per-concurrency 4 --min-requests 16 --rounds 3 \
+    --warmup-requests 0 --variants pdperf,pdperf_nosample,bench
+  stop_servers
   ;;
 more)
   [ -s "$STATE/padded.pid" ] || { log "no kept server (the 'servers' step did not run on this machine)"; exit 1; }
