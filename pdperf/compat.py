@@ -22,15 +22,32 @@ def version(dist: str) -> str | None:
     return None
 
 
-def nixl_kv_transfer_config(role: str, device: str, transport: str) -> dict[str, Any]:
-    """NixlConnector settings. ``kv_both`` works on every vLLM we run (0.32 warns that it prefers
+def nixl_kv_transfer_config(role: str, device: str, transport: str, connector: str = "NixlConnector"
+                            ) -> dict[str, Any]:
+    """NIXL connector settings. ``kv_both`` works on every vLLM we run (0.32 warns that it prefers
     kv_producer/kv_consumer; Ray Serve LLM's PD router does not depend on the role)."""
-    cfg: dict[str, Any] = {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+    cfg: dict[str, Any] = {"kv_connector": connector, "kv_role": "kv_both"}
     if device == "cpu":
         cfg["kv_buffer_device"] = "cpu"
     if transport != "UCX":
         cfg["kv_connector_extra_config"] = {"backends": [transport]}
     return cfg
+
+
+#: Ray Serve LLM's backend for NIXL (side-channel host and port per replica, the PD request protocol).
+RAY_NIXL_BACKEND = "ray.llm._internal.serve.engines.vllm.kv_transfer.nixl:NixlConnectorBackend"
+
+
+def register_ray_kv_backend(connector: str) -> None:
+    """Make Ray Serve LLM treat ``connector`` (another name of vLLM's NIXL connector, e.g.
+    NixlPushConnector) as it treats NixlConnector. Ray 2.58-2.60 know only "NixlConnector": any
+    other name gets Ray's default backend, which sets no NIXL side channel per replica (every engine
+    of a node would then take vLLM's default port). The registry lives in the cluster's KV store,
+    so registering from the driver reaches the replicas."""
+    from ray.llm._internal.serve.engines.vllm.kv_transfer.factory import KVConnectorBackendFactory
+
+    if connector != "NixlConnector" and not KVConnectorBackendFactory.is_registered(connector):
+        KVConnectorBackendFactory.register_backend(connector, RAY_NIXL_BACKEND)
 
 
 def serve_http_port() -> int:

@@ -61,7 +61,7 @@ def engine_kwargs(t: Topology, role: str, model_path: Path) -> dict[str, Any]:
     if not has_weights(model_path):
         kwargs["load_format"] = "dummy"
     if t.kind == "pd":
-        kwargs["kv_transfer_config"] = compat.nixl_kv_transfer_config(role, t.device, t.kv_transport)
+        kwargs["kv_transfer_config"] = compat.nixl_kv_transfer_config(role, t.device, t.kv_transport, t.kv_connector)
     kwargs.update(t.engine_kwargs)
     return kwargs
 

@@ -52,6 +52,10 @@ class Topology(_Strict):
     decode: Role | None = None
     placement: Literal["any", "pack", "spread"] = "any"
     kv_transport: Literal["UCX", "LIBFABRIC"] = "UCX"
+    kv_connector: Literal["NixlConnector", "NixlPushConnector"] = Field(
+        "NixlConnector", description="vLLM's NIXL connector: decode reads the KV (NixlConnector, vLLM's default) "
+        "or prefill writes it (NixlPushConnector). UCX's cuda_ipc serves no reads on a GPU without NVLink "
+        "peers, so reads between engines of one such node go over TCP (vLLM issue 52607); writes do not")
     ucx_tls: str | None = Field(None, description="force UCX transports, e.g. 'tcp' (the study's slow path)")
     needs_efa: bool = False
     ingress_replicas: int = Field(1, ge=1)

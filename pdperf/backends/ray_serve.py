@@ -245,6 +245,7 @@ def build_app(t: Topology, model_path: Path, placement: PlacementPlan, local: bo
         if wrap_servers:
             cfg["server_cls"] = ray_replica.own_port(compat.llm_server_cls())
         return build_openai_app({"llm_configs": [cfg], "ingress_deployment_config": ingress})
+    compat.register_ray_kv_backend(t.kv_connector)
     pd_args = {
         "prefill_config": llm_config(t, "prefill", model_path, placement, local, **kw, tcpstore_base=bases[0]),
         "decode_config": llm_config(t, "decode", model_path, placement, local, **kw, tcpstore_base=bases[1]),

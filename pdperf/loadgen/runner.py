@@ -31,6 +31,7 @@ import multiprocessing.connection as mpc
 import os
 import resource
 import secrets
+import signal
 import sys
 import time
 import urllib.error
@@ -92,6 +93,38 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         return uvloop.new_event_loop()
     except ImportError:
         return asyncio.new_event_loop()
+
+
+def _run_interruptibly(loop: asyncio.AbstractEventLoop, coro: Any) -> Any:
+    """``loop.run_until_complete(coro)``, where Ctrl-C cancels ``coro`` and is raised as
+    KeyboardInterrupt once it has unwound (its client closed, its tasks ended). Raised wherever the
+    signal lands, the interrupt tears through the loop's tasks ("Task was destroyed but it is
+    pending"), and on CPython 3.11 one that lands inside a compile() leaves the interpreter's AST
+    state broken, so pytest's own report of the interrupt then fails (SystemError: AST constructor
+    recursion depth mismatch) and the run ends with status 1 instead of 2 (interrupted)."""
+    main = loop.create_task(coro)
+    interrupted: list[bool] = []
+
+    def on_sigint() -> None:
+        interrupted.append(True)
+        main.cancel()
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        installed = True
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread: the default behaviour
+        installed = False
+    try:
+        return loop.run_until_complete(main)
+    except asyncio.CancelledError:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGINT)
+            signal.signal(signal.SIGINT, previous)
 
 
 def _uvloop_available() -> bool:
@@ -431,8 +464,8 @@ def run_point(*, base_url: str, model: str, tokenizer_path: Path, workload: Work
     if processes <= 0:
         loop = _new_loop()
         try:
-            phases, parent_cpu = loop.run_until_complete(
-                _run_inprocess(shares[0], window, sweep.max_duration_s, phase_timeout_s, telemetry_sampling))
+            phases, parent_cpu = _run_interruptibly(
+                loop, _run_inprocess(shares[0], window, sweep.max_duration_s, phase_timeout_s, telemetry_sampling))
         finally:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()

@@ -118,7 +118,7 @@ def test_gpu_topologies_of_a_cpu_run_share_one_reason_without_their_names():
     assert len(gpu) > 10
     assert {plan.skip(t).reason for t in gpu} == {GPU_TOPOLOGY_ON_CPU_RUN}
     groups = plan.outcome_groups(plan.topologies())
-    assert groups == [OutcomeGroup(None, ("cpu-colloc-1xtp1", "cpu-pd-1p1-1d1")),
+    assert groups == [OutcomeGroup(None, ("cpu-colloc-1xtp1", "cpu-pd-1p1-1d1", "cpu-pd-1p1-1d1-push")),
                       OutcomeGroup(GPU_TOPOLOGY_ON_CPU_RUN, tuple(sorted(t.name for t in gpu)))]
 
 
@@ -154,10 +154,11 @@ def test_vllm_backend_cannot_spread():
 
 def test_topology_patterns():
     plan = repo_plan(CPU_ONLY, topology_patterns=("cpu-*",))
-    assert [t.name for t in plan.topologies()] == ["cpu-colloc-1xtp1", "cpu-pd-1p1-1d1"]
-    assert [t.name for t in plan.topologies(kind="pd")] == ["cpu-pd-1p1-1d1"]
+    assert [t.name for t in plan.topologies()] == ["cpu-colloc-1xtp1", "cpu-pd-1p1-1d1", "cpu-pd-1p1-1d1-push"]
+    assert [t.name for t in plan.topologies(kind="pd")] == ["cpu-pd-1p1-1d1", "cpu-pd-1p1-1d1-push"]
     plan = repo_plan(ONE_X8, topology_patterns=("colloc-1xtp1", "pd-1p1-*"))
-    assert [t.name for t in plan.topologies()] == ["colloc-1xtp1", "pd-1p1-1d1-1gpu", "pd-1p1-1d1-pack"]
+    assert [t.name for t in plan.topologies()] == ["colloc-1xtp1", "pd-1p1-1d1-1gpu", "pd-1p1-1d1-1gpu-push",
+                                                  "pd-1p1-1d1-pack"]
     everything = repo_plan(ONE_X8)
     network_only = [n for n, t in everything.specs.topologies.items() if "network-only" in t.tags]
     assert len(everything.topologies()) == len(everything.specs.topologies) - len(network_only)  # no pattern: all
@@ -252,7 +253,8 @@ def test_network_only_topologies_only_for_the_network_tag():
     plan = repo_plan(CPU_ONLY, topology_patterns=("cpu-*",))
     assert "cpu-pd-1p1-1d1-tcp" not in [t.name for t in plan.topologies()]
     assert "cpu-pd-1p1-1d1-tcp" not in [c.topology.name for c in plan.sweep_cases()]
-    assert [t.name for t in plan.topologies(kind="pd", tag="network")] == ["cpu-pd-1p1-1d1", "cpu-pd-1p1-1d1-tcp"]
+    assert [t.name for t in plan.topologies(kind="pd", tag="network")] == ["cpu-pd-1p1-1d1", "cpu-pd-1p1-1d1-push",
+                                                                        "cpu-pd-1p1-1d1-tcp"]
 
 
 def test_pd_shares_a_deployment_group_with_its_reference():

@@ -80,6 +80,18 @@ def test_prefill_tp_above_decode_tp_names_nixl(tmp_path):
     assert "decode TP >= prefill TP" in msg
 
 
+def test_kv_connector_reaches_the_engines_and_unknown_ones_are_named(tmp_path):
+    from pdperf.engine import engine_kwargs
+
+    push = load_topology(write(tmp_path, "pd-push", {**PD, "kv_connector": "NixlPushConnector"}))
+    for role in ("prefill", "decode"):
+        assert engine_kwargs(push, role, tmp_path)["kv_transfer_config"]["kv_connector"] == "NixlPushConnector"
+    default = load_topology(write(tmp_path, "pd-default", PD))
+    assert engine_kwargs(default, "decode", tmp_path)["kv_transfer_config"]["kv_connector"] == "NixlConnector"
+    msg = spec_error(load_topology, write(tmp_path, "pd-bad-connector", {**PD, "kv_connector": "Nixl"}))
+    assert "kv_connector" in msg and "NixlPushConnector" in msg
+
+
 def test_spread_on_collocated_is_refused(tmp_path):
     path = write(tmp_path, "colloc-spread", {**COLLOC, "device": "gpu", "placement": "spread"})
     msg = spec_error(load_topology, path)
