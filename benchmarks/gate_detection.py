@@ -139,7 +139,7 @@ def main() -> int:
                     print(json.dumps(row), flush=True)
                 stats = point_stats(run_dir)
                 for row in rows:
-                    if row["round"] == r and row.get("slot") == j:
+                    if row["round"] == r and row["slot"] == j:
                         row["stats"] = stats
     finally:
         subprocess.run([BIN / "serve", "shutdown", "-y"], cwd=ROOT, capture_output=True, timeout=300)

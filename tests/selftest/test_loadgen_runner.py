@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -21,25 +20,14 @@ from pdperf.loadgen.runner import plan_shares, prepare_requests
 from pdperf.loadgen.stub_server import StubBehavior, StubServerThread
 from pdperf.results import load_point, save_point
 from pdperf.specs import SLO, Sweep, Workload
+from tests.selftest.test_bad_input import make_tokenizer
 
 pytestmark = pytest.mark.selftest
 
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    d = tmp_path_factory.mktemp("tok")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|begin_of_text|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train([str(Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py")], trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
-    tok.save(str(d / "tokenizer.json"))
-    return d
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")

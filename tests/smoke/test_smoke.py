@@ -121,14 +121,13 @@ def test_pd_greedy_matches_collocated(endpoint, reference_endpoint, record_prope
     handoff (every prompt answered alike, or near ties decided the rest). PD answers every prompt
     before the reference is asked: where the two cannot be up together (one GPU), the reference's
     deployment then evicts PD (so this test runs after its topology's others)."""
-    ref_endpoint = reference_endpoint.endpoint() if reference_endpoint.together else None
     answers = {}
     for prompt in GREEDY_PROMPTS:
         try:
             answers[prompt] = greedy_tokens(endpoint.base_url, endpoint.model_id, prompt, 24)
         except RuntimeError as e:
             pytest.fail(f"greedy check, prompt {prompt!r} through {endpoint.name}: {e}", pytrace=False)
-    ref_endpoint = ref_endpoint or reference_endpoint.endpoint()
+    ref_endpoint = reference_endpoint.endpoint()
     record_property("greedy_reference", f"{ref_endpoint.name}, "
                     + ("up beside PD" if reference_endpoint.together else "deployed after PD (one at a time)"))
     matched, near_ties = {}, []
