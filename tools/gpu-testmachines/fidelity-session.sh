@@ -12,7 +12,7 @@
 #   tools/gpu-testmachines/fidelity-session.sh standing one "padded" server alone, the standing side-by-side at c1/c16/c64 with
 #                                    and without the client's /metrics sampling (pdperf, pdperf_nosample, bench), then it stops
 #   tools/gpu-testmachines/fidelity-session.sh record   the suite: colloc-1xtp1 through plain vLLM (--backend vllm) and through
-#                                    Ray Serve LLM, sweep recorded as this GPU's baselines
+#                                    Ray Serve LLM (RECORD="ray vllm" for the other order), sweep recorded as this GPU's baselines
 #   tools/gpu-testmachines/fidelity-session.sh rerun    the same two on fresh deployments, gated against those baselines
 # Results go to $OUT (the device tool brings them back); baselines live in $STATE across calls.
 # Every step stops starting work CALL_LIMIT_S (default 570) after it began. Rehearse on CPU with
@@ -154,10 +154,12 @@ more)
     --warmup-requests 0 --variants bench,pdperf
   stop_servers
   ;;
-record)
+record)  # RECORD names the backends in the order they record (a short call still gets the first)
   stop_servers
-  suite vllm-record --backend vllm --update-baselines --deploy-timeout 400
-  suite ray-record --update-baselines --deploy-timeout 400
+  for b in ${RECORD:-vllm ray}; do
+    if [ "$b" = vllm ]; then suite vllm-record --backend vllm --update-baselines --deploy-timeout 400
+    else suite ray-record --update-baselines --deploy-timeout 400; tools/gpu-testmachines/testmachine.sh --stop; fi
+  done
   ;;
 rerun)
   suite ray-rerun --deploy-timeout 400
