@@ -50,7 +50,9 @@ def kv_bandwidth_note(telemetry: Telemetry) -> str:
 # stack (NIXL 1.3.2's UCX, Ray Serve LLM): "ucp_context_0 intra-node cfg#0 | remote memory write
 # by ucp_put* from host memory to host ... | cma/memory", in the replicas' stdout.
 
-_RMA_HEADER = re.compile(r"ucp_context_\d+ (?P<scope>\S+) cfg#\d+ \| remote memory (?:read|write) by ucp_(?:get|put)")
+_RMA_HEADER = re.compile(r"ucp_context_\d+ (?P<scope>\S+) cfg#\d+ \| remote memory (?P<op>read|write) by ucp_(?:get|put)"
+                         r"\S*(?P<rest>[^|]*)")
+_MEMORY = re.compile(r"(?:into|from) (?P<a>[a-z_]+) memory (?:from|to) (?P<b>[a-z_]+)")
 _ROW = re.compile(r"^[^|]*\|\s*[0-9.]+(?:\.\.(?:[0-9.]+|inf))?\s*\|[^|]*\|\s*(?P<cell>[^|]+?)\s*\|\s*$")
 _TRANSPORT = re.compile(r"\b([a-z][a-z0-9_]*)/([A-Za-z0-9_:.\-]+)")
 
@@ -70,22 +72,52 @@ def transport_class(transport: str) -> str:
     return TRANSPORT_CLASSES.get(transport.split("/", 1)[0], "other")
 
 
-def parse_proto_info(text: str) -> list[str]:
-    """Transports of UCX's remote-memory (get/put) protocol tables in ``text``, in first-seen order."""
-    found: dict[str, None] = {}
-    in_rma = False
+@dataclass(frozen=True)
+class TransportUse:
+    """One transport of one UCX remote-memory table: which operation, on which memory.
+
+    A table is selected per operation and memory type, so one PD pair can show several: on one
+    GPU without an NVLink peer, the push connector's writes of device memory and other tables
+    of the same agents may land on different transports. Naming the operation and memory says
+    which of them a slow transport carried (the KV lives in device memory on GPU engines, in
+    host memory on the CPU stack)."""
+
+    transport: str
+    op: str  # "read" (ucp_get*: the decode side pulls) or "write" (ucp_put*: the prefill side pushes)
+    local_memory: str  # the memory type on this agent's side ("host", "cuda", ... ; "" if not printed)
+    remote_memory: str
+
+    def label(self) -> str:
+        mem = f" {self.local_memory}->{self.remote_memory}" if self.local_memory else ""
+        return f"{self.transport} ({self.op}{mem})"
+
+
+def parse_proto_uses(text: str) -> list[TransportUse]:
+    """Every transport of UCX's remote-memory (get/put) tables towards a peer in ``text``, with
+    the table's operation and memory types, in first-seen order (each distinct use once)."""
+    found: dict[TransportUse, None] = {}
+    table: tuple[str, str, str] | None = None
     for line in text.splitlines():
         if "ucp_context" in line:  # a table's header: a remote-memory one, towards a peer (not to itself)?
             m = _RMA_HEADER.search(line)
-            in_rma = m is not None and m.group("scope") != "self"
+            table = None
+            if m is not None and m.group("scope") != "self":
+                mem = _MEMORY.search(m.group("rest"))
+                # a read's header says "into <local> memory from <remote>", a write's "from <local> memory to <remote>"
+                table = (m.group("op"), mem.group("a") if mem else "", mem.group("b") if mem else "")
             continue
-        if not in_rma:
+        if table is None:
             continue
         m = _ROW.match(line)
         if m:
             for name, device in _TRANSPORT.findall(m.group("cell")):
-                found.setdefault(f"{name}/{device}", None)
+                found.setdefault(TransportUse(f"{name}/{device}", *table), None)
     return list(found)
+
+
+def parse_proto_info(text: str) -> list[str]:
+    """Transports of UCX's remote-memory (get/put) protocol tables in ``text``, in first-seen order."""
+    return list(dict.fromkeys(u.transport for u in parse_proto_uses(text)))
 
 
 @dataclass(frozen=True)
@@ -105,8 +137,10 @@ class KvPathExpectation:
         return cls(("intra-node", "rdma", "efa"), "prefill and decode on one node: shared memory, CUDA IPC or RDMA")
 
 
-def kv_path_problem(transports: list[str], expectation: KvPathExpectation) -> str | None:
-    """Why the KV's transports break the expectation (naming them), or None."""
+def kv_path_problem(transports: list[str], expectation: KvPathExpectation,
+                    uses: list[TransportUse] | None = None) -> str | None:
+    """Why the KV's transports break the expectation (naming them, with the operation and memory
+    each carried when ``uses`` says), or None."""
     if not transports:
         return None
     wrong = [t for t in transports if transport_class(t) not in expectation.allowed]
@@ -114,7 +148,8 @@ def kv_path_problem(transports: list[str], expectation: KvPathExpectation) -> st
         return None
     fix = ("check UCX_TLS and UCX_NET_DEVICES on the engines (docs/DEBUGGING.md, 'KV over TCP')"
            if any(transport_class(t) == "tcp" for t in wrong) else "see docs/DEBUGGING.md")
-    return f"KV moved over {', '.join(wrong)}, but {expectation.why}: {fix}"
+    named = [u.label() for u in uses or [] if u.transport in wrong] or wrong
+    return f"KV moved over {', '.join(named)}, but {expectation.why}: {fix}"
 
 
 def kv_failures(telemetry: Telemetry) -> list[str]:
@@ -132,16 +167,21 @@ def annotate_kv_path(telemetry: Telemetry, engine_output: str, *, placement: str
                      spans_nodes: bool) -> Telemetry:
     """``telemetry`` with the transports that moved a PD point's KV (from the engines' output) and,
     where they break what the placement expects, the problem naming them."""
-    transports = parse_proto_info(engine_output)
+    uses = parse_proto_uses(engine_output)
+    transports = list(dict.fromkeys(u.transport for u in uses))
     expectation = KvPathExpectation.of(placement, ucx_tls, spans_nodes)
-    return telemetry.model_copy(update={"kv_transports": transports, "kv_path_expected": expectation.why,
-                                        "kv_path_problem": kv_path_problem(transports, expectation)})
+    return telemetry.model_copy(update={"kv_transports": transports, "kv_transport_uses": [u.label() for u in uses],
+                                        "kv_path_expected": expectation.why,
+                                        "kv_path_problem": kv_path_problem(transports, expectation, uses)})
 
 
 def kv_path_summary(telemetry: Telemetry) -> str:
     """One line on a PD point's KV path: transport, transfers, size, time and bandwidth (with the
     proven range where Ray's buckets are all there is), and the problem if any."""
-    parts = [("KV over " + ", ".join(telemetry.kv_transports)) if telemetry.kv_transports
+    # with several transports, which operation and memory each carried is the point of the line
+    over = telemetry.kv_transport_uses if len(telemetry.kv_transports) > 1 and telemetry.kv_transport_uses \
+        else telemetry.kv_transports
+    parts = [("KV over " + ", ".join(over)) if telemetry.kv_transports
              else "KV transport not identified (no UCX protocol table in the engines' output)"]
     if telemetry.kv_transfers:
         n = telemetry.kv_transfers

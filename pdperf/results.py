@@ -161,6 +161,8 @@ class Telemetry(_Open):
     # PD: the UCX transports that moved the KV (pdperf.network), what the placement expects, and
     # the problem when they differ (it fails the point)
     kv_transports: list[str] = Field(default_factory=list)
+    # each transport with the operation and memory of its table ("tcp/lo (read cuda->cuda)")
+    kv_transport_uses: list[str] = Field(default_factory=list)
     kv_path_expected: str | None = None
     kv_path_problem: str | None = None
     samples_during: int = 0

@@ -72,6 +72,7 @@ def test_kv_path(topology, endpoint, kv_workload, measure, record_property, kv_r
     kv_results[topology.name] = result
     bw = kv_bandwidth_gb_s(tel)
     record_property("kv_transports", ",".join(tel.kv_transports))
+    record_property("kv_transport_uses", ",".join(tel.kv_transport_uses))
     if bw is not None:
         record_property("kv_bandwidth_gb_s", round(bw, 3))
     if tel.kv_transfer_time_s:

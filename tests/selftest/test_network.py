@@ -21,6 +21,7 @@ from pdperf.network import (
     kv_path_problem,
     kv_path_summary,
     parse_proto_info,
+    parse_proto_uses,
     transport_class,
 )
 from pdperf.placement import plan as place
@@ -60,6 +61,32 @@ def test_split_cells_and_ray_prefixes():
     text = "\n".join([table("inter-node", GET, "52% on tcp/eth0 and 48% on tcp/ens5", prefix="(Decode pid=77) "),
                       table("inter-node", PUT, "rc_mlx5/mlx5_0:1")])
     assert parse_proto_info(text) == ["tcp/eth0", "tcp/ens5", "rc_mlx5/mlx5_0:1"]
+
+
+GPU_GET = "remote memory read by ucp_get* into cuda memory from cuda"
+GPU_PUT = "remote memory write by ucp_put* from cuda memory to cuda"
+
+
+def test_each_transport_with_its_operation_and_memory():
+    """One GPU, no NVLink peer, the push connector: UCX showed cma/memory, tcp/lo and cuda_ipc/cuda
+    for one PD pair (H200, 2026-12-03); which table each came from is what tells a slow KV from
+    a slow side channel."""
+    text = "\n".join([table("intra-node", PUT, "cma/memory"), table("intra-node", GPU_GET, "tcp/lo"),
+                      table("intra-node", GPU_PUT, "cuda_ipc/cuda")])
+    uses = parse_proto_uses(text)
+    assert [u.label() for u in uses] == ["cma/memory (write host->host)", "tcp/lo (read cuda->cuda)",
+                                         "cuda_ipc/cuda (write cuda->cuda)"]
+    out = annotate_kv_path(Telemetry(kv_transfers=32, kv_bytes=32 * 84e6, kv_transfer_time_s=0.036), text,
+                           placement="pack", ucx_tls=None, spans_nodes=False)
+    assert out.kv_transports == ["cma/memory", "tcp/lo", "cuda_ipc/cuda"]
+    assert out.kv_path_problem and out.kv_path_problem.startswith("KV moved over tcp/lo (read cuda->cuda), but")
+    assert kv_path_summary(out).startswith("KV over cma/memory (write host->host), tcp/lo (read cuda->cuda), "
+                                           "cuda_ipc/cuda (write cuda->cuda) · 32 transfers")
+
+
+def test_recorded_cpu_table_memory():
+    uses = parse_proto_uses((DATA / "proto-info-cpu-decode.txt").read_text())
+    assert [u.label() for u in uses] == ["cma/memory (write host->host)", "cma/memory (read host->host)"]
 
 
 def test_no_tables_no_transports():
