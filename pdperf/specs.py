@@ -55,7 +55,8 @@ class Topology(_Strict):
     kv_connector: Literal["NixlConnector", "NixlPushConnector"] = Field(
         "NixlConnector", description="vLLM's NIXL connector: decode reads the KV (NixlConnector, vLLM's default) "
         "or prefill writes it (NixlPushConnector). UCX's cuda_ipc serves no reads on a GPU without NVLink "
-        "peers, so reads between engines of one such node go over TCP (vLLM issue 52607); writes do not")
+        "peers, so reads between engines of one such node go over TCP (vLLM issue 52607); writes can use "
+        "cuda_ipc (one H200: ~80x faster than reads, though UCX still showed tcp/lo beside it)")
     ucx_tls: str | None = Field(None, description="force UCX transports, e.g. 'tcp' (the study's slow path)")
     needs_efa: bool = False
     ingress_replicas: int = Field(1, ge=1)
@@ -233,6 +234,11 @@ class Workload(_Strict):
     topologies: list[str] = Field(default_factory=lambda: ["*"],
                                   description="topology name patterns this workload sweeps (default all of its device)")
     request_timeout_s: float = Field(600.0, gt=0)
+    stream_idle_timeout_s: float | None = Field(
+        120.0, gt=0, description="a request whose stream sent no token for this long after its first one fails as "
+                                 "'timeout' (stream stalled) instead of waiting out request_timeout_s; null: none. "
+                                 "The default is far above any healthy inter-token gap (a preempted request's wait "
+                                 "included) and far below the request timeout")
     error_budget: float = Field(
         0.0, ge=0, lt=1, description="share of a point's measured requests that may fail; above it the point is "
                                      "errored and fails without a performance verdict (default 0: any failure)")
