@@ -22,8 +22,16 @@ Variants (``--variants``), each one factor away from ``pdperf``:
   pdperf_t0        temperature 0 (greedy) only
   pdperf_usage     per-chunk usage (continuous_usage_stats) only
   pdperf_nosample  no /metrics sampling during the run
-  bench            vllm bench serve as shipped (no temperature: the server's default)
+  bench            vllm bench serve as shipped (no temperature: the server's default), a seed of its own
+                   each run
   bench_t0         vllm bench serve --temperature 0
+  bench_sameseed   vllm bench serve with its default seed (0) every run, as this benchmark ran it before:
+                   its random prompts repeat from run to run and vLLM's prefix cache serves them
+
+Prompts never repeat across runs (the suite's client salts every request; `vllm bench serve` gets a
+fresh ``--seed`` per run, except ``bench_sameseed``): with a repeated prompt the server skips
+most of the prefill and the peer's TTFT is not the same load. Every row records the server's
+prefix-cache queries and hits over the run, and the tables show the hit rate.
 
 The server: ``--server vllm`` starts ``vllm serve MODEL`` on a free loopback port (CPU: eager,
 float32; ``--server-arg`` adds arguments, e.g. the GPU's production defaults), ``--url`` uses
@@ -69,6 +77,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "pdperf_nosample": ("pdperf", ["--no-telemetry-sampling"]),
     "bench": ("bench", []),
     "bench_t0": ("bench", ["--temperature", "0"]),
+    "bench_sameseed": ("bench", ["--seed", "0"]),
 }
 # vLLM's queue time is tens of microseconds when nothing waits: differences below this are not a finding
 QUEUE_SLACK_MS = 0.5
@@ -123,8 +132,11 @@ def run_one(variant: str, *, base_url: str, metrics_urls: list[str], served: str
         for u in metrics_urls:  # as the suite runs: its own scrapes (and 1 s sampling unless told otherwise)
             cmd += ["--metrics-url", u]
     else:
+        # vllm bench's random prompts come from its --seed (default 0): one seed for every run would
+        # send the same prompts again, and the prefix cache would serve their prefill
+        seed = [] if "--seed" in extra else ["--seed", str(time.time_ns() % 2**31)]
         cmd = vllm_bench_cmd(base_url=base_url, model_name=served, tokenizer=tok, isl=isl, osl=osl, n=n,
-                             concurrency=conc, result_file=out, extra=extra)
+                             concurrency=conc, result_file=out, extra=[*extra, *seed])
     if client_cpu:
         cmd = ["taskset", "-c", client_cpu, *cmd]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
@@ -155,6 +167,9 @@ def run_one(variant: str, *, base_url: str, metrics_urls: list[str], served: str
         "server_queue_ms": _ms(srv.get("queue_time_s")), "server_requests": srv.get("server_requests"),
         "server_gen_tokens": gen, "server_tok_s": (gen / row["window_s"]) if gen and row["window_s"] else None,
         "server_means_estimated": srv.get("estimated_means"),
+        "server_prefix_cache_queries": srv.get("prefix_cache_queries"),
+        "server_prefix_cache_hits": srv.get("prefix_cache_hits"),
+        "server_prefix_cache_hit_rate": srv.get("prefix_cache_hit_rate"),
         "api_cpu_s": (cpu1["api"] - cpu0["api"]) if cpu0 else None,
         "engine_cpu_s": (cpu1["engine"] - cpu0["engine"]) if cpu0 else None,
         "client_wall_s": run.wall_s, "client_tree_cpu_s": run.total_cpu_s,
@@ -223,7 +238,7 @@ def spread(rows: list[dict], key: str) -> tuple[float, float] | None:
 
 def report(rows: list[dict]) -> None:
     cols = ("server_ttft_ms", "server_tpot_ms", "server_itl_ms", "server_e2e_ms", "server_tok_s", "api_cpu_s_per_1k_tok",
-            "ttft_ms", "tpot_ms", "tpot_vs_engine")
+            "ttft_ms", "tpot_ms", "tpot_vs_engine", "server_prefix_cache_hit_rate")
     for conc in sorted({r["concurrency"] for r in rows}):
         at = [r for r in rows if r["concurrency"] == conc]
         print(f"\n== concurrency {conc}: mean [min..max] over runs")

@@ -9,18 +9,20 @@
 #                                    request options one at a time on "short", then on "padded"; then the
 #                                    standing side-by-side (this client vs vllm bench serve) on "padded".
 #   tools/gpu-testmachines/fidelity-session.sh more     more standing rounds on the kept "padded" server (c1/c16/c64), then both stop
-#   tools/gpu-testmachines/fidelity-session.sh standing one "padded" server alone, the standing side-by-side at c1/c16/c64 with
-#                                    and without the client's /metrics sampling (pdperf, pdperf_nosample, bench), then it stops
+#   tools/gpu-testmachines/fidelity-session.sh standing one "padded" server alone, the standing side-by-side at c1/c16/c64: this
+#                                    client, vllm bench serve with a fresh seed per run, and with one seed for
+#                                    every run (its prompts repeat: the prefix cache serves them), then it stops
 #   tools/gpu-testmachines/fidelity-session.sh record   the suite: colloc-1xtp1 through plain vLLM (--backend vllm) and through
 #                                    Ray Serve LLM (RECORD="ray vllm" for the other order), sweep recorded as this GPU's baselines
 #   tools/gpu-testmachines/fidelity-session.sh rerun    the same two on fresh deployments, gated against those baselines
+#   tools/gpu-testmachines/fidelity-session.sh knobs    Ray colloc-1xtp1 at c16/c64 with stream batching 50 ms (Ray's cost at c64)
 # Results go to $OUT (the device tool brings them back); baselines live in $STATE across calls.
 # Every step stops starting work CALL_LIMIT_S (default 570) after it began. Rehearse on CPU with
 #   MODEL=tiny-llama VOCAB=128256 ISL=128 OSL=32 SERVER_ARGS='--enforce-eager --dtype float32' \
 #   PY=.venv/bin/python OUT=/tmp/o STATE=/tmp/s tools/gpu-testmachines/fidelity-session.sh servers
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-step=${1:?usage: tools/gpu-testmachines/fidelity-session.sh servers|standing|more|record|rerun}
+step=${1:?usage: tools/gpu-testmachines/fidelity-session.sh servers|standing|more|record|rerun|knobs}
 PY=${PY:-python3}
 VLLM=$(dirname "$(command -v "$PY")")/vllm
 STATE=${STATE:-/tmp/pdperf-fidelity}
@@ -144,8 +146,8 @@ standing)
   start_server padded "$(sed -n 2p "$STATE/models.txt")"
   await_servers padded 2>&1 | tee -a "$OUT/fidelity.log" || { engine_facts; stop_servers; exit 1; }
   engine_facts
-  sbs padded standing-3 --concurrency 1 16 64 --requests-per-concurrency 4 --min-requests 16 --rounds 3 \
-    --warmup-requests 0 --variants pdperf,pdperf_nosample,bench
+  sbs padded standing-4 --concurrency 1 16 64 --requests-per-concurrency 4 --min-requests 16 --rounds 3 \
+    --warmup-requests 0 --variants pdperf,bench,bench_sameseed
   stop_servers
   ;;
 more)
@@ -157,9 +159,16 @@ more)
 record)  # RECORD names the backends in the order they record (a short call still gets the first)
   stop_servers
   for b in ${RECORD:-vllm ray}; do
-    if [ "$b" = vllm ]; then suite vllm-record --backend vllm --update-baselines --deploy-timeout 400
-    else suite ray-record --update-baselines --deploy-timeout 400; tools/gpu-testmachines/testmachine.sh --stop; fi
+    # gated where a band exists, recorded where none does: `pdperf baseline add-run` adds the
+    # gated runs to the committed bands afterwards (--update-baselines would replace the bands)
+    if [ "$b" = vllm ]; then suite vllm-record --backend vllm --record-missing-baselines --deploy-timeout 400
+    else suite ray-record --record-missing-baselines --deploy-timeout 400; tools/gpu-testmachines/testmachine.sh --stop; fi
   done
+  ;;
+knobs)  # Ray's cost at c16/c64 with Ray Serve LLM's stream batching on (50 ms, Ray's own default), recorded apart
+  stop_servers
+  suite ray-batch50 -k "c16 or c64" --stream-batching-ms 50 --record-missing-baselines \
+    --baselines-dir="$STATE/knobs-baselines" --deploy-timeout 400
   ;;
 rerun)
   suite ray-rerun --deploy-timeout 400
