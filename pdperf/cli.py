@@ -10,6 +10,7 @@
   ``pdperf baseline show FILE [--runs]``  each point's band of runs and what its gate can detect;
   ``pdperf baseline mde FILE|DIR... [--json OUT]``  the minimum detectable regression per point and
   gated statistic; ``baseline remove-run FILE POINT N``
+- ``pdperf cleanup [--dry-run] [--ray-address ADDR]``  remove what a killed run left (pdperf.leaks)
 
 User mistakes end with one ``error:`` line and exit code 2, never a traceback.
 """
@@ -215,6 +216,53 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         raise PdperfError(f"--ray-address {args.ray_address}: {e}; is Ray running (`ray status`)?") from None
     print(diagnose(args.ray_address, args.lines), end="")
     return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    """What a killed pytest left: its orphaned engine, ``vllm serve``, Ray worker and pdperf processes on
+    this machine, and with --ray-address the Serve applications of the suite's topologies on that cluster."""
+    from pdperf import leaks
+
+    topologies_dir = Path(args.topologies_dir) if args.topologies_dir else TOPOLOGY_DIR
+    if not topologies_dir.is_dir():
+        raise PdperfError(f"--topologies-dir {topologies_dir}: no such folder; pass the folder of topology YAML "
+                          "files the run used (default: topologies/)")
+    apps: tuple[str, ...] = ()
+    verb = "would remove" if args.dry_run else "removed"
+    if args.ray_address:
+        from pdperf.backends.ray_serve import _check_gcs_reachable
+
+        try:
+            _check_gcs_reachable(args.ray_address)
+        except ConnectionError as e:
+            raise PdperfError(f"--ray-address {args.ray_address}: {e}; is Ray running (`ray status`)?") from None
+        import ray
+        from ray import serve
+
+        ray.init(address=args.ray_address, log_to_driver=False, configure_logging=False)
+        try:
+            try:
+                running = serve.status().applications
+            except Exception as e:  # noqa: BLE001 - no Serve on the cluster: no application to delete
+                print(f"note: no Serve applications listed on {args.ray_address} ({type(e).__name__}: {e})")
+                running = {}
+            apps = leaks.suite_apps(running, all_topologies(topologies_dir))
+            if apps and not args.dry_run:
+                leaks.delete_serve_apps(apps)
+        finally:
+            ray.shutdown()
+    done = leaks.CleanupPlan(apps, leaks.with_ports(leaks.orphans(leaks.list_processes())))
+    failed = [] if args.dry_run else leaks.remove_processes(done.processes)
+    failed_pids = {p.pid for p, _ in failed}
+    removed = leaks.CleanupPlan(apps, tuple(p for p in done.processes if p.pid not in failed_pids))
+    for line in removed.lines(verb):
+        print(line)
+    for p, why in failed:
+        print(f"error: could not remove {p.kind} process {p.describe()}: {why}", file=sys.stderr)
+    if done.empty:
+        where = f"no Serve application of the suite's topologies on {args.ray_address}, " if args.ray_address else ""
+        print(f"nothing left behind: {where}no orphaned engine, vllm serve, Ray worker or pdperf process here")
+    return 1 if failed else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -439,6 +487,14 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--ray-address", default="auto")
     d.add_argument("--lines", type=int, default=40, help="log lines per replica and of the Serve controller")
     d.set_defaults(fn=cmd_diagnose)
+    c = sub.add_parser("cleanup", help="remove what a killed run left: orphaned engine processes here, and with "
+                                       "--ray-address the suite's Serve applications on that cluster")
+    c.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    c.add_argument("--ray-address", default=None, help="a kept cluster: delete the Serve applications named after "
+                                                       "the suite's topologies there")
+    c.add_argument("--topologies-dir", default=None, metavar="DIR", help="the run's topology files (default: "
+                                                                         "topologies/): their names are the apps")
+    c.set_defaults(fn=cmd_cleanup)
     r = sub.add_parser("report", help="rebuild a run folder's report")
     r.add_argument("run_dir")
     r.set_defaults(fn=cmd_report)
