@@ -22,8 +22,18 @@ from pdperf.gate.thresholds import Thresholds
 from pdperf.gate.verdicts import Confirmation, GateResult, gate_point
 from pdperf.network import kv_failures
 from pdperf.results import PointResult, SloResult
+from pdperf.waiting import poll_until
 
 RESTART_FLAG = "replica_restart_during_load"
+# How long after a point with failed requests a replica restart is still counted as its own: Ray Serve
+# replaces a replica after 3 consecutive failed health checks (REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD;
+# Ray Serve LLM checks every 10 s with a 10 s timeout), and a point whose requests all fail at once ends
+# well before that. Measured on the CPU stack: SIGKILL of the prefill engine, restart seen within 25 s of
+# the point's end; of the decode engine, not within 25 s (its point ended 6 s after the kill).
+RESTART_SETTLE_S = 60.0
+# Endpoint.details key: a shorter settle window for an endpoint whose failures kill no replica (the fault
+# proxy of pdperf.inject answers 503 itself: waiting a minute after each of its points finds nothing)
+RESTART_SETTLE_KEY = "restart_settle_s"
 
 
 @dataclass
@@ -83,6 +93,22 @@ class PointVerdict:
         if self.gate and self.gate.status in ("incomparable", "missing", "insufficient"):
             return f"SLOs met; baseline gate not applied: {self.gate.message()}"
         return None
+
+
+def restarts_during_point(restarts: Callable[[], int], before: int, *, failed: int, settle_s: float,
+                          interval_s: float = 1.0) -> int:
+    """Replica restarts a point touched (its ``replica_restart_during_load`` flag): those seen by its end,
+    or, when it had failed requests and none was seen, the first that shows within ``settle_s`` after it.
+    Counting at the end alone misses the restart that failed the requests: the point ends before Serve's
+    health check replaces the dead replica, and the next point is measured on the replaced one."""
+    n = restarts() - before
+    if n > 0 or failed <= 0 or settle_s <= 0:
+        return n
+    try:
+        return poll_until(lambda: (restarts() - before) or None, what="a replica restart after failed requests",
+                          timeout_s=settle_s, interval_s=interval_s, max_interval_s=interval_s)
+    except TimeoutError:
+        return 0
 
 
 def slo_failures(result: PointResult) -> list[str]:

@@ -413,6 +413,59 @@ def spread_tokens(total: int, n_chunks: int) -> list[int]:
     return [1] + [base + (1 if i < extra else 0) for i in range(n_chunks - 1)]
 
 
+class StallWatch:
+    """Ends a stream that stopped sending tokens: no new token for ``idle_s`` after the first one.
+
+    A server that holds a stream open without sending (a stuck engine, a lost KV transfer, a proxy
+    that stalls) would otherwise hold the request until the total request timeout (600 s by
+    default), and the point would say only "not finished". Before the first token the total
+    timeout alone applies: time to first token includes queueing, which is long under overload
+    and is a measurement, not a fault.
+
+    Cheap per chunk: nothing is done per read (the record's chunk times are already kept). A
+    timer wakes every ``idle_s / 4`` and compares the number of token chunks with the last
+    wake-up; a stall is seen between ``idle_s`` and ``1.25 * idle_s`` after the last token. It
+    ends the read by closing the response (``on_stall``), which the read loop sees as the end or
+    a cut of the body, and ``stalled`` tells the client why; no task is cancelled, so an outside
+    cancellation (Ctrl-C) stays what it is, on every Python the suite supports.
+    """
+
+    __slots__ = ("chunk_times", "idle_s", "stalled", "_on_stall", "_handle", "_seen", "_since", "_loop")
+
+    def __init__(self, chunk_times: list[float], idle_s: float, on_stall: Callable[[], None]) -> None:
+        self.chunk_times = chunk_times
+        self.idle_s = idle_s
+        self.stalled = False
+        self._on_stall = on_stall
+        self._handle: asyncio.TimerHandle | None = None
+        self._seen = 0
+        self._since = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = loop = asyncio.get_running_loop()
+        self._seen, self._since = len(self.chunk_times), loop.time()
+        self._handle = loop.call_at(self._since + self.idle_s / 4, self._check)
+
+    def _check(self) -> None:
+        assert self._loop is not None
+        now = self._loop.time()
+        n = len(self.chunk_times)
+        if n != self._seen or not n:  # a token came since the last look, or none yet (TTFT: not watched)
+            self._seen, self._since = n, now
+        elif now - self._since >= self.idle_s:
+            self.stalled = True
+            self._handle = None
+            self._on_stall()
+            return
+        self._handle = self._loop.call_at(now + self.idle_s / 4, self._check)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 def _http_error(status: int, body: bytes) -> tuple[str, str]:
     kind = "http_5xx" if status >= 500 else "http_4xx"
     text = body.decode("utf-8", "replace")[:ERROR_DETAIL_CHARS]
@@ -445,11 +498,14 @@ class StreamingClient:
     HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 
     def __init__(self, base_url: str, *, api: Api = "completions", timeout_s: float = 600.0,
-                 keep_text: bool = False, clock: Callable[[], float] = time.perf_counter,
-                 read_bufsize: int = 1 << 16) -> None:
+                 idle_timeout_s: float | None = None, keep_text: bool = False,
+                 clock: Callable[[], float] = time.perf_counter, read_bufsize: int = 1 << 16) -> None:
+        if idle_timeout_s is not None and not idle_timeout_s > 0:
+            raise ValueError(f"stream idle timeout {idle_timeout_s!r} s: must be > 0, or None for none")
         self.url = endpoint_url(base_url, api)
         self.api = api
         self.timeout_s = timeout_s
+        self.idle_timeout_s = idle_timeout_s
         self.keep_text = keep_text
         self.clock = clock
         self.read_bufsize = read_bufsize
@@ -486,6 +542,7 @@ class StreamingClient:
         acc = StreamAccumulator(rec, self.api, self.keep_text)
         got_headers = False
         eof_error: str | None = None
+        watch: StallWatch | None = None
         rec.sent_s = clock()
         try:
             # aiohttp's total timeout covers connect, send and reading the whole body
@@ -498,13 +555,20 @@ class StreamingClient:
                     return rec
                 content = resp.content
                 feed = acc.feed
-                while True:
-                    data = await content.readany()
-                    if not data:
-                        break
-                    feed(data, clock())
-                    if acc.error is not None:
-                        break
+                if self.idle_timeout_s is not None:
+                    watch = StallWatch(rec.chunk_times_s, self.idle_timeout_s, resp.close)
+                    watch.start()
+                try:
+                    while True:
+                        data = await content.readany()
+                        if not data:
+                            break
+                        feed(data, clock())
+                        if acc.error is not None:
+                            break
+                finally:
+                    if watch is not None:
+                        watch.stop()
         except asyncio.TimeoutError:  # TimeoutError itself on 3.11+
             acc.finish()
             rec.error = "timeout"
@@ -520,7 +584,14 @@ class StreamingClient:
                 return rec
             eof_error = f"connection dropped mid-stream: {type(e).__name__}: {e}"[:ERROR_DETAIL_CHARS]
         except aiohttp.ClientError as e:
-            rec.error, rec.error_detail = "connection", f"{type(e).__name__}: {e}"[:ERROR_DETAIL_CHARS]
+            if watch is None or not watch.stalled:
+                rec.error, rec.error_detail = "connection", f"{type(e).__name__}: {e}"[:ERROR_DETAIL_CHARS]
+                return rec
+        if watch is not None and watch.stalled:  # the watch closed the response: whatever the read saw, a stall
+            acc.finish()
+            rec.error = "timeout"
+            rec.error_detail = (f"stream stalled: no token for {watch.idle_s:g} s after {rec.output_tokens} "
+                                f"tokens (the workload's stream_idle_timeout_s)")
             return rec
         acc.finish(eof_error=eof_error)
         st = self.stats

@@ -155,6 +155,7 @@ class Share:
     measured: list[PreparedRequest] = field(default_factory=list)
     measured_offsets_s: list[float] = field(default_factory=list)
     lag_interval_s: float = 0.025  # 40 wake-ups a second: enough to see stalls, ~0.1 % of a core
+    idle_timeout_s: float | None = None  # the workload's stream_idle_timeout_s (StallWatch)
 
 
 def _split_counts(total: int, parts: int) -> list[int]:
@@ -165,7 +166,7 @@ def _split_counts(total: int, parts: int) -> list[int]:
 def plan_shares(*, base_url: str, api: Api, timeout_s: float, kind: str, point: float, processes: int,
                 warmup: Sequence[PreparedRequest], measured: Sequence[PreparedRequest],
                 arrival: str = "poisson", burstiness: float = 1.0, max_concurrency: int | None = None,
-                seed: int = 0) -> list[Share]:
+                seed: int = 0, idle_timeout_s: float | None = None) -> list[Share]:
     """Split one point across ``processes`` workers (at least one; fewer if there is less work).
 
     Closed loop: slots split as evenly as possible and requests in proportion to slots.
@@ -184,7 +185,7 @@ def plan_shares(*, base_url: str, api: Api, timeout_s: float, kind: str, point: 
         shares, wi, mi = [], 0, 0
         for k in range(n_workers):
             shares.append(Share(worker=k, base_url=base_url, api=api, timeout_s=timeout_s, kind=kind,
-                                concurrency=slots[k], max_concurrency=None,
+                                concurrency=slots[k], max_concurrency=None, idle_timeout_s=idle_timeout_s,
                                 warmup=list(warmup[wi:wi + w_counts[k]]), measured=list(measured[mi:mi + m_counts[k]])))
             wi += w_counts[k]
             mi += m_counts[k]
@@ -198,7 +199,7 @@ def plan_shares(*, base_url: str, api: Api, timeout_s: float, kind: str, point: 
     w_off = arrival_offsets_s(len(warmup), point, burstiness=shape, seed=seed + 1)
     m_off = arrival_offsets_s(len(measured), point, burstiness=shape, seed=seed)
     shares = [Share(worker=k, base_url=base_url, api=api, timeout_s=timeout_s, kind=kind, concurrency=0,
-                    max_concurrency=caps[k]) for k in range(n_workers)]
+                    max_concurrency=caps[k], idle_timeout_s=idle_timeout_s) for k in range(n_workers)]
     for i, r in enumerate(warmup):
         shares[i % n_workers].warmup.append(r)
         shares[i % n_workers].warmup_offsets_s.append(float(w_off[i]))
@@ -244,7 +245,8 @@ def _worker_entry(conn: mpc.Connection, share: Share) -> None:
 
 async def _worker_async(conn: mpc.Connection, share: Share) -> None:
     loop = asyncio.get_running_loop()
-    async with StreamingClient(share.base_url, api=share.api, timeout_s=share.timeout_s) as client:
+    async with StreamingClient(share.base_url, api=share.api, timeout_s=share.timeout_s,
+                               idle_timeout_s=share.idle_timeout_s) as client:
         conn.send(("ready", {"pid": os.getpid(), "now_s": time.perf_counter()}))
         while True:
             msg = await loop.run_in_executor(None, conn.recv)
@@ -351,7 +353,8 @@ async def _run_inprocess(share: Share, window: TelemetryWindow, stop_after_s: fl
                          sampling: bool = True) -> tuple[dict[str, tuple[float, PhaseOutcome]], float]:
     out: dict[str, tuple[float, PhaseOutcome]] = {}
     parent_cpu = 0.0
-    async with StreamingClient(share.base_url, api=share.api, timeout_s=share.timeout_s) as client:
+    async with StreamingClient(share.base_url, api=share.api, timeout_s=share.timeout_s,
+                               idle_timeout_s=share.idle_timeout_s) as client:
         for phase in ("warmup", "measured"):
             if phase == "warmup" and not share.warmup:
                 continue
@@ -452,7 +455,7 @@ def run_point(*, base_url: str, model: str, tokenizer_path: Path, workload: Work
     shares = plan_shares(base_url=base_url, api=workload.api, timeout_s=workload.request_timeout_s, kind=sweep.kind,
                          point=point, processes=max(processes, 1), warmup=warm, measured=measured,
                          arrival=sweep.arrival, burstiness=sweep.burstiness, max_concurrency=sweep.max_concurrency,
-                         seed=workload.seed)
+                         seed=workload.seed, idle_timeout_s=workload.stream_idle_timeout_s)
     ensure_socket_limit(shares, point=point)  # before the first request: the cache reset
     cache_reset = reset_prefix_cache(base_url, model) if reset_cache else "skipped"
     # GPU clocks, power and temperature alongside, where this host has GPUs and the point runs on GPUs
