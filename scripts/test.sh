@@ -5,8 +5,9 @@
 #      (--max-alive 1): on 2 cores an idle PD engine's NIXL progress thread spins a core and
 #      would be measured as part of every other topology's latency;
 #   3. the network tier on real NIXL: which transport moved the KV, shared memory against UCX
-#      forced to TCP (the EFA and two-node parts skip with the reason); and an engine killed in
-#      the middle of a point (errored, restart recorded, the next point measured);
+#      forced to TCP (the EFA and two-node parts skip with the reason); and the faults: engines
+#      killed in the middle of a point (collocated, PD prefill, PD decode: errored, restart flagged,
+#      the next point measured), stalled streams and 503/429 windows, pytest itself SIGKILLed;
 # scripts/test-backends.sh runs the smoke tier through the other two backends (plain `vllm serve`
 # + proxy, and an external URL); it is not in CI yet (see benchmarks/results/gpu-runs/SESSION-LOG.md: the no-Ray PD
 # path on 2 cores decodes at ~1.5 tokens/s with KV lease expiries).
@@ -43,7 +44,7 @@ $py -m pytest -m "selftest or smoke" "$@" || status=$?
 echo "== 2/3 sweeps gated against baselines/ (backend ray, one topology at a time)"
 $py -m pytest -m sweep --max-alive 1 "$@" || status=$?
 
-echo "== 3/3 network tier (the KV's transport, shared memory vs forced TCP) and faults (an engine killed mid-point)"
+echo "== 3/3 network tier (the KV's transport, shared memory vs forced TCP) and faults (engines killed mid-point, stalls, refusals, a killed run)"
 $py -m pytest -m "network or faults" --max-alive 1 "$@" || status=$?
 
 exit $status
