@@ -150,6 +150,13 @@ class DeploymentPool:
                 rec.teardown_s = time.monotonic() - t0
                 break
 
+    def release_all(self) -> None:
+        """Tear every deployment down now and keep the pool usable (a later ``get`` deploys again):
+        for a test that needs the machine to itself (on 2 cores an idle PD engine's NIXL progress
+        thread spins a core)."""
+        for name in list(self._alive):
+            self._stop(name, evict=True)
+
     def close(self) -> list[str]:
         """Tear every deployment down; return the errors met (teardown continues past them)."""
         for name in list(self._alive):

@@ -147,6 +147,18 @@ def test_evicted_topology_is_deployed_again_when_needed():
     assert backend.calls.index(("evict", "topo-b")) < backend.calls.index(("launch", "topo-a"), 1)
 
 
+def test_release_all_stops_everything_and_the_pool_deploys_again():
+    backend = FakeBackend()
+    pool = DeploymentPool(backend, max_alive=2)
+    pool.get(A)
+    pool.get(B)
+    pool.release_all()
+    assert pool.alive() == []
+    assert backend.count("evict", "topo-a") == 1 and backend.count("evict", "topo-b") == 1
+    pool.get(A)
+    assert backend.count("launch", "topo-a") == 2 and pool.alive() == ["topo-a"]
+
+
 def test_failed_start_is_remembered_without_a_second_start():
     err = DeployError("topology topo-a: Serve reports DEPLOY_FAILED\nreplica log line")
     backend = FakeBackend(fail_ready={"topo-a": err})
