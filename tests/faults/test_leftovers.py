@@ -134,7 +134,10 @@ def test_sigkill_of_pytest_mid_point(tmp_path: Path, pdperf_ctx, record_property
         after = cleanup_cli("--dry-run")
         assert after.returncode == 0 and "nothing left behind" in after.stdout, after.stdout + after.stderr
     finally:
+        # a failure above must not leave the killed run's engines and Ray processes to the leak check of this
+        # session: take its tree before the kill (once killed, its children are orphans and not its own)
         if proc.poll() is None:
+            owned = owned or descendants(proc.pid)
             proc.kill()
         leaks.remove_processes([info for info in map(as_info, owned) if info is not None])
 
