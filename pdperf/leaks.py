@@ -450,21 +450,7 @@ def write_outcome(path: Path, leftovers: Leftovers) -> None:
 def delete_serve_apps(apps: Iterable[str], *, timeout_s: float = 120.0) -> None:
     """Delete Serve applications on the connected cluster and wait until their replicas and placement
     groups are released (as a session's teardown does)."""
-    from ray import serve
+    from pdperf.backends.ray_serve import delete_app
 
-    from pdperf import compat
-
-    apps = tuple(apps)
     for app in apps:
-        serve.delete(app, _blocking=True)
-
-    def released() -> bool | None:
-        actors = [a for a in compat.actor_table() if a.get("State") != "DEAD"
-                  and _app_of(str(a.get("ActorClassName") or ""), apps)]
-        pgs = [p for p in compat.placement_groups() if p.get("state") != "REMOVED"
-               and _app_of(str(p.get("name") or ""), apps)]
-        return True if not actors and not pgs else None
-
-    if apps:
-        poll_until(released, what=f"replicas and placement groups of {', '.join(apps)} to be released",
-                   timeout_s=timeout_s)
+        delete_app(app, timeout_s=timeout_s)

@@ -115,9 +115,14 @@ def parse_proto_uses(text: str) -> list[TransportUse]:
     return list(found)
 
 
+def transports_of(uses: list[TransportUse]) -> list[str]:
+    """The distinct transports of ``uses``, in first-seen order."""
+    return list(dict.fromkeys(u.transport for u in uses))
+
+
 def parse_proto_info(text: str) -> list[str]:
     """Transports of UCX's remote-memory (get/put) protocol tables in ``text``, in first-seen order."""
-    return list(dict.fromkeys(u.transport for u in parse_proto_uses(text)))
+    return transports_of(parse_proto_uses(text))
 
 
 @dataclass(frozen=True)
@@ -168,7 +173,7 @@ def annotate_kv_path(telemetry: Telemetry, engine_output: str, *, placement: str
     """``telemetry`` with the transports that moved a PD point's KV (from the engines' output) and,
     where they break what the placement expects, the problem naming them."""
     uses = parse_proto_uses(engine_output)
-    transports = list(dict.fromkeys(u.transport for u in uses))
+    transports = transports_of(uses)
     expectation = KvPathExpectation.of(placement, ucx_tls, spans_nodes)
     return telemetry.model_copy(update={"kv_transports": transports, "kv_transport_uses": [u.label() for u in uses],
                                         "kv_path_expected": expectation.why,

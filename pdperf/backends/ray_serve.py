@@ -260,6 +260,22 @@ def build_app(t: Topology, model_path: Path, placement: PlacementPlan, local: bo
         return build_pd_openai_app(pd_args)
 
 
+def delete_app(app: str, *, timeout_s: float = 120.0) -> None:
+    """Delete a Serve application on the connected cluster and wait until its replicas and placement
+    groups are released."""
+    from ray import serve
+
+    serve.delete(app, _blocking=True)
+
+    def gone() -> bool | None:
+        alive = [a for a in _replica_actors(app) if a.get("State") != "DEAD"]
+        pgs = [p for p in compat.placement_groups()
+               if p.get("state") != "REMOVED" and f"{app}#" in (p.get("name") or "")]
+        return True if not alive and not pgs else None
+
+    poll_until(gone, what=f"replicas and placement groups of '{app}' to be released", timeout_s=timeout_s)
+
+
 def _replica_actors(app: str) -> list[dict[str, Any]]:
     prefix = f"ServeReplica:{app}:"
     return [a for a in compat.actor_table() if (a.get("ActorClassName") or "").startswith(prefix)]
@@ -476,15 +492,5 @@ class RayServeDeployment(Deployment):
             return
         if not self._started and not getattr(self, "_adopted", False):
             return
-        from ray import serve
-
-        serve.delete(self.app, _blocking=True)
-
-        def gone() -> bool | None:
-            alive = [a for a in _replica_actors(self.app) if a.get("State") != "DEAD"]
-            pgs = [p for p in compat.placement_groups()
-                   if p.get("state") != "REMOVED" and f"{self.app}#" in (p.get("name") or "")]
-            return True if not alive and not pgs else None
-
-        poll_until(gone, what=f"replicas and placement groups of '{self.app}' to be released", timeout_s=timeout_s)
+        delete_app(self.app, timeout_s=timeout_s)
         self._started = False
