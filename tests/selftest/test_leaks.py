@@ -246,7 +246,9 @@ from pdperf.waiting import poll_until
 def test_leaves_an_engine():
     code = "import setproctitle, time; setproctitle.setproctitle('VLLM::EngineCore'); time.sleep(600)"
     child = psutil.Process(subprocess.Popen([sys.executable, "-c", code]).pid)
-    poll_until(lambda: True if child.cmdline()[0].startswith("VLLM::") else None, what="the title", timeout_s=30)
+    # Right after exec the command line can read empty: wait for the retitled one.
+    poll_until(lambda: True if child.cmdline()[:1] and child.cmdline()[0].startswith("VLLM::") else None,
+               what="the title", timeout_s=30)
 
 
 def test_after_it():
