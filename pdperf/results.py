@@ -147,12 +147,15 @@ class Telemetry(_Open):
     server_requests: float | None = None
     kv_transfers: float | None = None
     kv_bytes: float | None = None
+    kv_bytes_per_transfer: float | None = None
+    kv_descriptors_per_transfer: float | None = None  # NIXL descriptors (one UCX operation each)
     preemptions: float | None = None
     kv_failed_transfers: float | None = None
     kv_expired_requests: float | None = None
     prompt_tokens: float | None = None
     generation_tokens: float | None = None
     prefix_cache_hit_rate: float | None = None
+    # means that are Ray's bucket-midpoint estimates, and what the buckets prove of each
     estimated_means: list[str] = Field(default_factory=list)
     mean_bounds_s: dict[str, list[float | None]] = Field(default_factory=dict)
     counter_resets: list[str] = Field(default_factory=list)
@@ -165,6 +168,7 @@ class Telemetry(_Open):
     kv_transport_uses: list[str] = Field(default_factory=list)
     kv_path_expected: str | None = None
     kv_path_problem: str | None = None
+    kv_path_note: str | None = None  # unexpected transports seen only at other sizes than the KV's
     samples_during: int = 0
     by_url: dict[str, dict[str, Any]] = Field(default_factory=dict)
     raw: dict[str, dict[str, Any]] = Field(default_factory=dict)

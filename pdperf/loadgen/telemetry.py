@@ -47,6 +47,10 @@ HISTOGRAM_MEANS: dict[str, tuple[str, ...]] = {
     "inference_time_s": ("vllm_request_inference_time_seconds",),
     "kv_transfer_time_s": ("vllm_nixl_xfer_time_seconds",),
     "kv_post_time_s": ("vllm_nixl_post_time_seconds",),
+    # per NIXL transfer, each over its own histogram's count (the counts of the time and the bytes
+    # histograms can differ within one window)
+    "kv_bytes_per_transfer": ("vllm_nixl_bytes_transferred",),
+    "kv_descriptors_per_transfer": ("vllm_nixl_num_descriptors",),
 }
 # flat key -> (histogram base, "sum"|"count")
 HISTOGRAM_TOTALS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -222,6 +226,17 @@ def ray_midpoint_sum(buckets: list[tuple[float, float, float]]) -> float:
     return acc
 
 
+def _midpoint_bounds(d: Delta, base: str, total: float, count: float) -> list[float | None] | None:
+    """Where ``total`` is exactly what Ray's export makes of ``base``'s bucket counts (an estimate),
+    the per-observation mean the buckets prove, ``[low, high]`` (high None past the last bound)."""
+    buckets = _bucket_counts(d.buckets(base))
+    if not buckets or not math.isclose(total, ray_midpoint_sum(buckets), rel_tol=1e-9, abs_tol=1e-12):
+        return None
+    n = sum(b[2] for b in buckets) or count
+    high = sum(hi * k for _, hi, k in buckets if k) / n
+    return [sum(lo * k for lo, _, k in buckets) / n, None if math.isinf(high) else high]
+
+
 def flat_from_delta(d: Delta) -> dict[str, Any]:
     """The flat keys (means per request, totals) from one delta (one URL or all merged).
 
@@ -239,17 +254,15 @@ def flat_from_delta(d: Delta) -> dict[str, Any]:
             out[key] = None
             continue
         out[key] = s / c
-        buckets = _bucket_counts(d.buckets(base))
-        if buckets and math.isclose(s, ray_midpoint_sum(buckets), rel_tol=1e-9, abs_tol=1e-12):
+        proven = _midpoint_bounds(d, base, s, c)
+        if proven:
             estimated.append(key)
-            n = sum(b[2] for b in buckets) or c
-            high = sum(hi * k for _, hi, k in buckets if k) / n
-            bounds[key] = [sum(lo * k for lo, _, k in buckets) / n, None if math.isinf(high) else high]
-    out["estimated_means"] = estimated
-    out["mean_bounds_s"] = bounds
+            bounds[key] = proven
     for key, (names, part) in HISTOGRAM_TOTALS.items():
         _, v = _first_present(d, names, "_" + part)
         out[key] = v
+    out["estimated_means"] = estimated
+    out["mean_bounds_s"] = bounds
     for key, names in COUNTERS.items():
         v = None
         for name in names:

@@ -16,6 +16,7 @@ from pdperf.cluster import NodeInfo
 from pdperf.engine import engine_kwargs
 from pdperf.network import (
     KvPathExpectation,
+    TransportUse,
     annotate_kv_path,
     kv_failures,
     kv_path_problem,
@@ -33,11 +34,13 @@ pytestmark = pytest.mark.selftest
 DATA = Path(__file__).parent / "data" / "ucx"
 
 
-def table(scope: str, op: str, *cells: str, prefix: str = "[1796290375.4] [host:9648 :0]   ") -> str:
+def table(scope: str, op: str, *cells: str, prefix: str = "[1796290375.4] [host:9648 :0]   ",
+          sizes: tuple[str, ...] = ()) -> str:
+    """A UCX protocol table: one row per cell, over 0..inf unless ``sizes`` gives each row's range."""
     rows = [f"{prefix}+--------------------------------+---------------------------------+",
             f"{prefix}| ucp_context_0 {scope} cfg#1 | {op} |",
             f"{prefix}+--------------------------------+----------------------+----------+"]
-    rows += [f"{prefix}|                         0..inf | zero-copy            | {c} |" for c in cells]
+    rows += [f"{prefix}| {size:>30} | zero-copy            | {c} |" for c, size in zip(cells, sizes or ("0..inf",) * len(cells))]
     return "\n".join(rows)
 
 
@@ -82,6 +85,83 @@ def test_each_transport_with_its_operation_and_memory():
     assert out.kv_path_problem and out.kv_path_problem.startswith("KV moved over tcp/lo (read cuda->cuda), but")
     assert kv_path_summary(out).startswith("KV over cma/memory (write host->host), tcp/lo (read cuda->cuda), "
                                            "cuda_ipc/cuda (write cuda->cuda) · 32 transfers")
+
+
+def test_row_sizes_in_ucx_units():
+    """UCX writes a row's range in its own units where a bound is a multiple of 1024 ("0..8K");
+    such rows are parsed too (a missed row could hide a TCP lane)."""
+    text = table("intra-node", GPU_GET, "tcp/lo", "cuda_ipc/cuda", "tcp/lo", sizes=("0..8K", "8193..1M", "1048577..inf"))
+    uses = parse_proto_uses(text)
+    assert [u.label() for u in uses] == ["tcp/lo (read cuda->cuda)", "cuda_ipc/cuda (read cuda->cuda, 8193..1M)"]
+    text = table("intra-node", GPU_GET, "tcp/lo", "cuda_ipc/cuda", sizes=("0", "1..8K"))
+    assert [(u.min_bytes, u.max_bytes) for u in parse_proto_uses(text)] == [(0, 0), (1, 8192)]
+
+
+@pytest.mark.parametrize(("lo", "hi", "desc", "carries"), [
+    (0, 8192, (65536.0, 65536.0, 65536.0), False),    # control-sized rows below half the descriptor
+    (0, 8192, (12000.0, 12000.0, 12000.0), True),     # reaches half of it
+    (8193, None, (65536.0, 65536.0, 65536.0), True),
+    (262145, None, (65536.0, 65536.0, 65536.0), False),  # only far larger messages
+    (0, 8192, (32768.0, 8192.0, 65536.0), True),     # Ray's buckets leave the size 8-64K: can't rule it out
+    (0, 1024, (32768.0, 8192.0, 65536.0), False),
+    (0, 8192, None, True),        # the descriptor size unknown: judged
+])
+def test_a_use_carries_the_kv_by_size(lo, hi, desc, carries):
+    assert TransportUse("tcp/lo", "read", "cuda", "cuda", lo, hi).carries(desc) is carries
+
+
+def ray_kv(transfers: int, bytes_bucket: tuple[float, float], desc_bucket: tuple[float, float]) -> Telemetry:
+    """A Ray point's KV telemetry: every transfer in one bucket of each histogram, means at midpoints."""
+    return Telemetry(kv_transfers=float(transfers), kv_bytes=transfers * sum(bytes_bucket) / 2,
+                     kv_bytes_per_transfer=sum(bytes_bucket) / 2, kv_descriptors_per_transfer=sum(desc_bucket) / 2,
+                     kv_transfer_time_s=0.0375,
+                     estimated_means=["kv_transfer_time_s", "kv_bytes_per_transfer", "kv_descriptors_per_transfer"],
+                     mean_bounds_s={"kv_transfer_time_s": [0.025, 0.05], "kv_bytes_per_transfer": list(bytes_bucket),
+                                    "kv_descriptors_per_transfer": list(desc_bucket)})
+
+
+def test_through_ray_the_sizes_are_ranges_and_say_so():
+    """Ray's export keeps no sums: the KV's bytes (buckets x4 apart: 32-128 MiB) and descriptors
+    (2000-4000) are midpoints, so the size, bandwidth and descriptor size are ranges."""
+    tel = ray_kv(32, (2.0 ** 25, 2.0 ** 27), (2000.0, 4000.0))
+    text = table("intra-node", GPU_GET, "tcp/lo", "cuda_ipc/cuda", sizes=("0..1K", "1025..inf"))
+    out = annotate_kv_path(tel, text, placement="pack", ucx_tls=None, spans_nodes=False)
+    line = kv_path_summary(out)
+    assert "32 transfers, ~83.89 MB each in ~3000 descriptors of ~28.0 kB; Ray's buckets prove 8.4 kB to 67.1 kB" \
+        in line
+    assert "(estimated: the transfer time and the bytes come from Ray's histogram buckets, which prove only 0.67 to " \
+        "5.37 GB/s)" in line
+    assert out.kv_path_problem is None and out.kv_path_note and out.kv_path_note.startswith("tcp/lo (read cuda->cuda, 0..1K)")
+    # a row up to 8K may have taken some of the KV as far as the buckets go: judged, and the message says why
+    text = table("intra-node", GPU_GET, "tcp/lo", "cuda_ipc/cuda", sizes=("0..8K", "8193..inf"))
+    out = annotate_kv_path(tel, text, placement="pack", ucx_tls=None, spans_nodes=False)
+    assert out.kv_path_problem and out.kv_path_problem.startswith(
+        "KV moved over tcp/lo (read cuda->cuda, 0..8K) (the KV's descriptors: ~28.0 kB; Ray's buckets prove 8.4 kB")
+
+
+def test_tcp_for_small_messages_only_is_not_the_kv_path():
+    """A one-GPU pair whose UCX sends sizes up to 8K over tcp/lo and larger ones over CUDA IPC:
+    with NIXL's descriptors known (64 kB each) the KV went over CUDA IPC, and the report says
+    why tcp/lo did not fail the point; without the descriptor count the check stays strict."""
+    text = table("intra-node", GPU_GET, "tcp/lo", "cuda_ipc/cuda", sizes=("0..8K", "8193..inf"))
+    tel = Telemetry(kv_transfers=32, kv_bytes=32 * 84e6, kv_bytes_per_transfer=84e6, kv_descriptors_per_transfer=1280,
+                    kv_transfer_time_s=0.036)
+    out = annotate_kv_path(tel, text, placement="pack", ucx_tls=None, spans_nodes=False)
+    assert out.kv_path_problem is None
+    assert out.kv_path_note == "tcp/lo (read cuda->cuda, 0..8K) took only other sizes than the KV's descriptors (65.6 kB)"
+    line = kv_path_summary(out)
+    assert "32 transfers, 84.00 MB each in 1280 descriptors of 65.6 kB" in line and out.kv_path_note in line
+    strict = annotate_kv_path(tel.model_copy(update={"kv_descriptors_per_transfer": None}), text, placement="pack",
+                              ucx_tls=None, spans_nodes=False)
+    assert strict.kv_path_problem and strict.kv_path_problem.startswith("KV moved over tcp/lo (read cuda->cuda, 0..8K)")
+
+
+def test_tcp_in_the_kv_sized_rows_fails_with_the_descriptor_known():
+    text = table("intra-node", GPU_GET, "cuda_ipc/cuda", "tcp/lo", sizes=("0..8K", "8193..inf"))
+    tel = Telemetry(kv_transfers=4, kv_bytes_per_transfer=84e6, kv_descriptors_per_transfer=1280)
+    out = annotate_kv_path(tel, text, placement="pack", ucx_tls=None, spans_nodes=False)
+    assert out.kv_path_problem and out.kv_path_problem.startswith("KV moved over tcp/lo (read cuda->cuda, 8193..inf)")
+    assert out.kv_path_note is None
 
 
 def test_recorded_cpu_table_memory():
@@ -174,3 +254,40 @@ def test_the_repo_single_gpu_pd_topology_fits_one_gpu():
 def test_sharing_rules_are_named(change, words):
     with pytest.raises(ValueError, match=words):
         Topology(**{**shared(), **change})
+
+
+# The push point on one H200 (benchmarks/results/2026-12-03-h200-pd-1gpu/run-push-smoke-c4.tar.xz):
+# Ray's export of the engines' NIXL histograms, sums at the buckets' midpoints as recorded.
+H200_PUSH_BUCKETS = {
+    "ray_vllm_nixl_bytes_transferred": (2684354560.0, {"33554432.0": 0, "134217728.0": 32, "+Inf": 32}),
+    "ray_vllm_nixl_num_descriptors": (1620.0, {"30.0": 0, "50.0": 23, "75.0": 29, "100.0": 31, "200.0": 32, "+Inf": 32}),
+    "ray_vllm_nixl_xfer_time_seconds": (1.155, {"0.01": 0, "0.025": 6, "0.05": 29, "0.075": 32, "+Inf": 32}),
+}
+
+
+def test_recorded_h200_push_point_sizes_are_ranges():
+    """The report said "84 MB each" and 1.8-3.4 GB/s: 84 MB was Ray's midpoint of the 32-128 MiB
+    bucket. What the buckets prove: 33.6-134 MB per transfer, 0.70-5.47 GB/s, and descriptors
+    of 0.54-3.46 MB (one block of all layers: a 0..16K row cannot have taken them)."""
+    from pdperf.loadgen.telemetry import summarize
+
+    def text(scale: float) -> str:
+        out = ""
+        for name, (total, buckets) in H200_PUSH_BUCKETS.items():
+            out += "".join(f'{name}_bucket{{engine="0",le="{le}"}} {v * scale}\n' for le, v in buckets.items())
+            out += f'{name}_sum{{engine="0"}} {total * scale}\n{name}_count{{engine="0"}} {32 * scale}\n'
+        return out
+
+    tel = Telemetry.model_validate({k: v for k, v in summarize({"u": text(0)}, {"u": text(1)}).items()
+                                    if k in Telemetry.model_fields})
+    assert tel.kv_bytes_per_transfer == pytest.approx(80 * 2 ** 20)
+    assert tel.mean_bounds("kv_bytes_per_transfer") == pytest.approx((2 ** 25, 2 ** 27))
+    assert tel.mean_bounds("kv_descriptors_per_transfer") == pytest.approx((38.75, 62.5))
+    rows = table("intra-node", GPU_PUT, "tcp/lo", "cuda_ipc/cuda", sizes=("0..16K", "16385..inf"))
+    out = annotate_kv_path(tel, rows, placement="pack", ucx_tls=None, spans_nodes=False)
+    line = kv_path_summary(out)
+    assert "32 transfers, ~83.89 MB each in ~51 descriptors of ~1.66 MB; Ray's buckets prove 536.9 kB to 3.46 MB" in line
+    assert "prove only 0.70 to 5.47 GB/s" in line
+    assert out.kv_path_problem is None and out.kv_path_note
+    emulated = table("intra-node", GPU_PUT, "tcp/lo", sizes=("0..inf",))  # UCX's "software emulation" row
+    assert annotate_kv_path(tel, emulated, placement="pack", ucx_tls=None, spans_nodes=False).kv_path_problem
