@@ -107,8 +107,11 @@ def test_gate_measures_a_regression_again(endpoint, smoke_workload, measure, thr
     judged = [v for v in banded.verdicts if v.verdict != "insufficient"]
     assert judged and all(v.band_runs == 2 for v in judged), banded.message()
     for v in judged:  # the size that decided is against the re-measurement (the worst run), not the first
-        worst = v.band_high
-        assert (v.verdict == "regressed") == (v.current_value / worst > 1 + v.threshold), v.message()
+        beyond = v.current_value / v.band_high > 1 + v.threshold
+        # regressed needs the size beyond the worst run's limit; beyond it, a verdict can still be
+        # 'unchanged' when the change is not significant (a p99 over 12 requests: CI 0.96-8.77 seen)
+        assert beyond or v.verdict != "regressed", v.message()
+        assert v.verdict == "regressed" or not beyond or "not significant" in v.message(), v.message()
         assert "of the worst run" in v.message()
 
 
