@@ -286,14 +286,16 @@ def initial_params(points: Sequence[MeasuredPoint], facts: ModelFacts, *, gpu_me
     step_ms = max(low.med_tpot_ms * 0.8, 0.5)
     per_seq_ktok = max(low.med_tpot_ms * 0.05 / (ctx / 1000.0), 1e-4)
     prefill_ms = max(low.med_ttft_ms * 0.3, 1.0)
-    bw = [p.kv_bandwidth_gb_s for p in points if p.kv_bandwidth_gb_s]
+    bw, sized = _kv_bandwidths(points, facts.kv_bytes_per_token)
     transfer = kv_transfer or KVTransferParams()
     if bw:
         med = float(np.median(bw))
+        how = (f"; {sized} of them sized by the model's {facts.kv_bytes_per_token:g} KV bytes per token x ISL, their "
+               "bytes being Ray's bucket midpoints") if sized else ""
         transfer = transfer.model_copy(update={"pack_gb_s": med, "spread_gb_s": min(med, transfer.spread_gb_s),
                                                "source": f"NIXL telemetry of {len(bw)} PD points: median {med:.2f} "
                                                          "GB/s (used on one node; across nodes the lower of it and "
-                                                         f"{transfer.spread_gb_s:g} GB/s)"})
+                                                         f"{transfer.spread_gb_s:g} GB/s{how})"})
     return ModelParams(
         ref_tp=ref_tp,
         prefill=PrefillParams(ms_per_ktoken=prefill_ms / (isl / 1000.0), tp_exponent=0.8),
@@ -305,6 +307,20 @@ def initial_params(points: Sequence[MeasuredPoint], facts: ModelFacts, *, gpu_me
         kv_transfer=transfer,
         overheads=OverheadParams(fixed_ms=max(low.med_ttft_ms * 0.4, 1.0), jitter_ms=max(low.med_ttft_ms * 0.2, 1.0),
                                  pd_extra_ms=0.0, convoy=0.3))
+
+
+def _kv_bandwidths(points: Sequence[MeasuredPoint], kv_bytes_per_token: float) -> tuple[list[float], int]:
+    """Each PD point's KV bandwidth (GB/s), and how many were sized from the model: where the
+    bytes are Ray's bucket midpoints (x4 buckets: 84 MB stood for 34-134 MB on one H200), a
+    transfer is the prompt's KV, ISL x the model's KV bytes per token, over the transfer time."""
+    out, sized = [], 0
+    for p in points:
+        if p.kv_bytes_estimated and p.kv_transfer_s:
+            out.append(p.point.isl * kv_bytes_per_token / p.kv_transfer_s / 1e9)
+            sized += 1
+        elif p.kv_bandwidth_gb_s:
+            out.append(p.kv_bandwidth_gb_s)
+    return out, sized
 
 
 def _starts(base: ModelParams, points: Sequence[MeasuredPoint] = ()) -> list[ModelParams]:

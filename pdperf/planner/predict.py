@@ -168,10 +168,17 @@ def measured_point(result, topology) -> MeasuredPoint:
         rps = None if warm else max(int(round(len(ok) / max(result.point_value, 1))), 1)
         wp = WorkloadPoint(isl, osl, "concurrency", float(result.point_value), rps)
     dep = Deployment.from_topology(topology)
-    bw = kv_bandwidth_gb_s(result.telemetry) if topology.kind == "pd" else None
+    tel = result.telemetry
+    pd = topology.kind == "pd"
+    bw = kv_bandwidth_gb_s(tel) if pd else None
+    # results from before the bytes had their own mean: a Ray point's bytes were midpoints too
+    bytes_estimated = "kv_bytes_per_transfer" in tel.estimated_means or (
+        tel.kv_bytes_per_transfer is None and "kv_transfer_time_s" in tel.estimated_means)
     return MeasuredPoint(config=result.topology, deployment=dep, point=wp, med_ttft_ms=med_ttft, med_tpot_ms=med_tpot,
                          out_tok_s=float(tok_s), p99_ttft_ms=stat("ttft_ms", "p99"), p99_tpot_ms=stat("tpot_ms", "p99"),
-                         requests=len(ok), kv_bandwidth_gb_s=bw, source=result.id)
+                         requests=len(ok), kv_bandwidth_gb_s=bw,
+                         kv_transfer_s=tel.kv_transfer_time_s if pd else None,
+                         kv_bytes_estimated=pd and bytes_estimated, source=result.id)
 
 
 def predict_for_result(profile: Profile, result, topology=None, *, level: float = 0.9) -> PointComparison:

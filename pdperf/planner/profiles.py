@@ -281,6 +281,10 @@ class MeasuredPoint:
     p99_tpot_ms: float | None = None
     requests: int | None = None
     kv_bandwidth_gb_s: float | None = None  # from NIXL telemetry, PD points only
+    # the mean KV transfer time, and whether the bytes behind kv_bandwidth_gb_s are Ray's bucket
+    # midpoints (buckets x4 apart): the fit then takes the size from the model's KV bytes per token
+    kv_transfer_s: float | None = None
+    kv_bytes_estimated: bool = False
     source: str = ""
 
     def value(self, metric: str) -> float | None:

@@ -186,3 +186,23 @@ def test_model_facts():
         model_facts("no-such-model")
     assert model_facts("no-such-model", weights_gb=10, kv_bytes_per_token=1000).weights_gb == 10
     assert math.isclose(model_facts("llama-3.1-8b").kv_bytes_per_token, 131072)
+
+
+def test_kv_bandwidth_from_ray_midpoints_is_sized_by_the_model():
+    """A Ray PD point's KV bytes are the midpoint of a x4 bucket (84 MB stood for 34-134 MB on one
+    H200): the start takes the transfer's size from ISL x the model's KV bytes per token instead;
+    exact bytes (the vllm backend) are used as measured."""
+    dep = Deployment(kind="pd", prefill_replicas=1, prefill_tp=1, decode_replicas=1, decode_tp=1)
+    pt = WorkloadPoint(1024, 256, "concurrency", 4, 5)
+    facts = model_facts("llama-3.1-8b")  # 128 KiB of KV per token: 134 MB per 1024-token prompt
+
+    def point(**kv) -> MeasuredPoint:
+        return MeasuredPoint(config="pd", deployment=dep, point=pt, med_ttft_ms=170.0, med_tpot_ms=5.3,
+                             out_tok_s=589.0, **kv)
+
+    ray = point(kv_bandwidth_gb_s=83.89e6 / 0.036 / 1e9, kv_transfer_s=0.036, kv_bytes_estimated=True)
+    start = initial_params([ray], facts)
+    assert start.kv_transfer.pack_gb_s == pytest.approx(1024 * 131072 / 0.036 / 1e9)  # 3.73, not 2.33
+    assert "1 of them sized by the model's 131072 KV bytes per token" in start.kv_transfer.source
+    exact = point(kv_bandwidth_gb_s=3.0, kv_transfer_s=0.036)
+    assert initial_params([exact], facts).kv_transfer.pack_gb_s == pytest.approx(3.0)
