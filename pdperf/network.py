@@ -301,12 +301,13 @@ def kv_path_summary(telemetry: Telemetry) -> str:
     parts = [("KV over " + ", ".join(over)) if telemetry.kv_transports
              else "KV transport not identified (no UCX protocol table in the engines' output)"]
     if telemetry.kv_transfers:
-        est = telemetry.estimated_means
+        guessed = telemetry.estimated_means
         b = kv_bytes_per_transfer(telemetry)
-        size = f", {'~' if 'kv_bytes_per_transfer' in est else ''}{b / 1e6:.2f} MB each" if b else ""
+        size = f", {'~' if 'kv_bytes_per_transfer' in guessed else ''}{b / 1e6:.2f} MB each" if b else ""
         desc = kv_descriptor_bytes(telemetry)
-        of = (f" in {'~' if 'kv_descriptors_per_transfer' in est else ''}{telemetry.kv_descriptors_per_transfer:.0f}"
-              f" descriptors of {_size_range(desc)}") if desc else ""
+        approx = "~" if "kv_descriptors_per_transfer" in guessed else ""
+        of = (f" in {approx}{telemetry.kv_descriptors_per_transfer:.0f} descriptors of {_size_range(desc)}"
+              if desc else "")
         parts.append(f"{telemetry.kv_transfers:g} transfers{size}{of}")
     if telemetry.kv_transfer_time_s:
         est = "~" if "kv_transfer_time_s" in telemetry.estimated_means else ""
