@@ -42,21 +42,52 @@ def _bounds(telemetry: Telemetry, key: str, exact: float) -> tuple[float, float 
     return lo or 0.0, hi
 
 
+def kv_bandwidth_bounds(telemetry: Telemetry) -> tuple[float, float] | None:
+    """The KV bandwidth (GB/s) the metrics prove, ``(low, high)``: both the estimate when the
+    transfer time and size are exact; Ray's bucket ranges otherwise (high may be inf)."""
+    size = kv_bytes_per_transfer(telemetry)
+    if not size or not telemetry.kv_transfer_time_s:
+        return None
+    b_lo, b_hi = _bounds(telemetry, "kv_bytes_per_transfer", size)
+    t_lo, t_hi = _bounds(telemetry, "kv_transfer_time_s", float(telemetry.kv_transfer_time_s))
+    low = b_lo / t_hi / 1e9 if t_hi else 0.0
+    high = b_hi / t_lo / 1e9 if t_lo and b_hi else math.inf
+    return low, high
+
+
 def kv_bandwidth_note(telemetry: Telemetry) -> str:
     """"" when the transfer time and size are exact; else the bandwidth range the histogram buckets
     prove (Ray's metrics export keeps no sums: the means are then bucket-midpoint estimates, and
     the bytes' buckets are x4 apart)."""
     keys = ("kv_transfer_time_s", "kv_bytes_per_transfer")
     guessed = [k for k in keys if k in telemetry.estimated_means]
-    if not guessed:
+    bounds = kv_bandwidth_bounds(telemetry)
+    if not guessed or bounds is None:
         return ""
-    b_lo, b_hi = _bounds(telemetry, "kv_bytes_per_transfer", kv_bytes_per_transfer(telemetry) or 0.0)
-    t_lo, t_hi = _bounds(telemetry, "kv_transfer_time_s", float(telemetry.kv_transfer_time_s or 0))
-    slow = f"{b_lo / t_hi / 1e9:.2f}" if t_hi else "0"
-    proven = f"{slow} to {b_hi / t_lo / 1e9:.2f} GB/s" if t_lo and b_hi else f"at least {slow} GB/s"
+    low, high = bounds
+    slow = f"{low:.2f}" if low else "0"
+    proven = f"{slow} to {high:.2f} GB/s" if math.isfinite(high) else f"at least {slow} GB/s"
     what = " and ".join(dict(zip(keys, ("the transfer time", "the bytes")))[k] for k in guessed)
     verb = "comes" if len(guessed) == 1 else "come"
     return f" (estimated: {what} {verb} from Ray's histogram buckets, which prove only {proven})"
+
+
+def kv_bandwidth_floor(telemetry: Telemetry, floor_gb_s: float) -> tuple[str, str]:
+    """Is the KV's bandwidth at least ``floor_gb_s``? ``("pass" | "fail" | "inconclusive", why)``:
+    judged on what the metrics prove, so a Ray point whose bucket range straddles the floor is
+    inconclusive rather than decided by a midpoint (the study's TCP fallback, ~0.06 GB/s, and
+    healthy EFA, 10-12 GB/s, both fall clear of a 1 GB/s floor even with x4 buckets)."""
+    bounds = kv_bandwidth_bounds(telemetry)
+    if bounds is None:
+        return "fail", "no KV bandwidth: no NIXL bytes or transfer time in the point's metrics"
+    low, high = bounds
+    bw = f"{kv_bandwidth_gb_s(telemetry) or 0:.2f} GB/s{kv_bandwidth_note(telemetry)}"
+    if low >= floor_gb_s:
+        return "pass", bw
+    if high < floor_gb_s:
+        return "fail", f"{bw}: below {floor_gb_s:g} GB/s"
+    return "inconclusive", (f"{bw}: Ray's buckets cannot tell it from {floor_gb_s:g} GB/s (the `vllm` backend's "
+                            "metrics are exact)")
 
 
 # --------------------------------------------------------------------------- which transport moved the KV

@@ -276,3 +276,24 @@ def test_kv_bandwidth_and_the_range_an_estimated_transfer_time_proves():
                                       "prove only 8.00 to 10.67 GB/s)")
     open_ended = ray.model_copy(update={"mean_bounds_s": {"kv_transfer_time_s": [0.0, None]}})
     assert kv_bandwidth_note(open_ended).endswith("prove only at least 0 GB/s)")
+
+
+@pytest.mark.parametrize(("time_bounds", "bytes_bounds", "verdict"), [
+    ((0.025, 0.05), (2 ** 27, 2 ** 29), "pass"),       # GPT-OSS ISL 5000 at ~10 GB/s: proven >= 2.7 GB/s
+    ((5.0, None), (2 ** 27, 2 ** 29), "fail"),          # the study's TCP fallback: seconds per transfer
+    ((0.1, 0.2), (2 ** 25, 2 ** 27), "inconclusive"),  # 0.17-1.3 GB/s straddles 1 GB/s
+])
+def test_kv_bandwidth_floor_is_judged_on_what_the_buckets_prove(time_bounds, bytes_bounds, verdict):
+    from pdperf.network import kv_bandwidth_floor
+
+    lo, hi = time_bounds
+    mid_t = (lo + hi) / 2 if hi else lo * 2
+    tel = Telemetry(kv_transfers=10, kv_transfer_time_s=mid_t, kv_bytes_per_transfer=sum(bytes_bounds) / 2,
+                    estimated_means=["kv_transfer_time_s", "kv_bytes_per_transfer"],
+                    mean_bounds_s={"kv_transfer_time_s": [lo, hi], "kv_bytes_per_transfer": list(bytes_bounds)})
+    got, why = kv_bandwidth_floor(tel, 1.0)
+    assert got == verdict, why
+    assert "Ray's histogram buckets" in why
+    exact = Telemetry(kv_transfers=10, kv_transfer_time_s=0.5, kv_bytes_per_transfer=4e8)  # 0.8 GB/s, exact
+    assert kv_bandwidth_floor(exact, 1.0)[0] == "fail"
+    assert kv_bandwidth_floor(Telemetry(), 1.0)[0] == "fail"
