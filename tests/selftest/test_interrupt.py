@@ -66,8 +66,15 @@ def start_sweep(tmp_path: Path, stub_and_tokenizer) -> tuple[subprocess.Popen[st
            f"--rootdir={ROOT}", "-p", "fixtures.options", "-p", "fixtures.session", "-p", "fixtures.reporting",
            f"--run-dir={run_dir}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(STUB_URL=url, TOK_DIR=str(tok)), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=_ctrl_c_as_at_a_terminal)
     return proc, run_dir
+
+
+def _ctrl_c_as_at_a_terminal() -> None:
+    """The child takes SIGINT as a user's Ctrl-C does. Started in the background of a
+    non-interactive shell (nohup, `&`, some CI runners) this run inherits SIGINT ignored, and
+    Python keeps an ignored SIGINT: the child would then miss the test's Ctrl-C between points."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_points(proc: subprocess.Popen[str], run_dir: Path, n: int) -> None:
