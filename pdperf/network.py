@@ -113,6 +113,7 @@ _MEMORY = re.compile(r"(?:into|from) (?P<a>[a-z_]+) memory (?:from|to) (?P<b>[a-
 # units ("0..8K", "8193..1M": ucs_memunits_range_str).
 _SIZE = r"\d+[KMGTPE]?|inf"
 _ROW = re.compile(rf"^[^|]*\|\s*(?P<lo>{_SIZE})(?:\.\.(?P<hi>{_SIZE}))?\s*\|[^|]*\|\s*(?P<cell>[^|]+?)\s*\|\s*$")
+_TRANSPORT = re.compile(r"\b([a-z][a-z0-9_]*)/([A-Za-z0-9_:.\-]+)")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
 
 
@@ -131,7 +132,7 @@ def _size_text(n: int | None) -> str:
         if n and n % _UNITS[unit] == 0:
             return f"{n // _UNITS[unit]}{unit}"
     return str(n)
-_TRANSPORT = re.compile(r"\b([a-z][a-z0-9_]*)/([A-Za-z0-9_:.\-]+)")
+
 
 #: What each UCX transport is, for the check of a placement's expectation.
 TRANSPORT_CLASSES: dict[str, str] = {
