@@ -332,18 +332,18 @@ def kv_path_summary(telemetry: Telemetry) -> str:
         else telemetry.kv_transports
     parts = [("KV over " + ", ".join(over)) if telemetry.kv_transports
              else "KV transport not identified (no UCX protocol table in the engines' output)"]
+    def approx(key: str) -> str:  # a Ray bucket-midpoint estimate is marked
+        return "~" if key in telemetry.estimated_means else ""
+
     if telemetry.kv_transfers:
-        guessed = telemetry.estimated_means
         b = kv_bytes_per_transfer(telemetry)
-        size = f", {'~' if 'kv_bytes_per_transfer' in guessed else ''}{b / 1e6:.2f} MB each" if b else ""
+        size = f", {approx('kv_bytes_per_transfer')}{b / 1e6:.2f} MB each" if b else ""
         desc = kv_descriptor_bytes(telemetry)
-        approx = "~" if "kv_descriptors_per_transfer" in guessed else ""
-        of = (f" in {approx}{telemetry.kv_descriptors_per_transfer:.0f} descriptors of {_size_range(desc)}"
-              if desc else "")
+        of = (f" in {approx('kv_descriptors_per_transfer')}{telemetry.kv_descriptors_per_transfer:.0f} descriptors"
+              f" of {_size_range(desc)}" if desc else "")
         parts.append(f"{telemetry.kv_transfers:g} transfers{size}{of}")
     if telemetry.kv_transfer_time_s:
-        est = "~" if "kv_transfer_time_s" in telemetry.estimated_means else ""
-        parts.append(f"{est}{telemetry.kv_transfer_time_s * 1e3:.2f} ms per transfer")
+        parts.append(f"{approx('kv_transfer_time_s')}{telemetry.kv_transfer_time_s * 1e3:.2f} ms per transfer")
     bw = kv_bandwidth_gb_s(telemetry)
     if bw is not None:
         parts.append(f"{bw:.2f} GB/s{kv_bandwidth_note(telemetry)}")
